@@ -1,0 +1,302 @@
+"""Run a recipe: score the parent, run and score each stage, export, report; resume on re-run.
+
+The run directory holds `manifest.json` (rewritten atomically after every step), a checkpoint
+per stage, `export/` and `report.md`. A stage is skipped on re-run when its key — a hash of
+its options chained with the key of its input — matches a finished entry whose checkpoint
+exists; scores are redone only when the evaluation settings changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+import lmpress
+from lmpress import atomic
+from lmpress.bundle import Bundle
+from lmpress.data.calibration import calibration_batches, calibration_documents
+from lmpress.device import describe, resolve_device
+from lmpress.errors import LmpressError
+from lmpress.export import save_checkpoint
+from lmpress.load import load_checkpoint
+from lmpress.recipe import Recipe
+from lmpress.stages import StageConfig, StageContext
+
+log = logging.getLogger("lmpress")
+MANIFEST = "manifest.json"
+
+
+def _sha(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def parent_identity(recipe: Recipe) -> str:
+    """What the parent *is*: the demo spec, or the checkpoint's config and weight files."""
+    if recipe.model.is_demo:
+        from lmpress.demo.spec import DEMO_PARENTS
+
+        spec = DEMO_PARENTS[recipe.model.source.removeprefix("demo:")]
+        return f"{recipe.model.source}@{spec.cache_key()}"
+    path = Path(recipe.model.source).expanduser()
+    files = sorted((p.name, p.stat().st_size) for p in path.iterdir() if p.is_file())
+    return _sha((path / "config.json").read_text(), files)
+
+
+def environment(device: torch.device) -> dict:
+    import lm_eval
+    import transformers
+
+    return {
+        "lmpress": lmpress.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "lm_eval": getattr(lm_eval, "__version__", "unknown"),
+        **describe(device),
+    }
+
+
+@dataclass
+class Pipeline:
+    recipe: Recipe
+    device: torch.device
+    run_dir: Path
+    progress: bool = True
+
+    @classmethod
+    def create(cls, recipe: Recipe, device: str | None = None, progress: bool = True):
+        field = "--device" if device else "device"
+        return cls(recipe, resolve_device(device or recipe.device, field), recipe.run_dir(), progress)
+
+    # ---- manifest -------------------------------------------------------------------------
+    def _load_manifest(self, fresh: bool) -> dict:
+        path = self.run_dir / MANIFEST
+        if fresh and self.run_dir.exists():
+            shutil.rmtree(self.run_dir)
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except json.JSONDecodeError:
+                log.warning("%s is unreadable; starting over", path)
+        return {}
+
+    def _save(self, manifest: dict) -> None:
+        atomic.write_json(self.run_dir / MANIFEST, manifest)
+
+    # ---- bundles ----------------------------------------------------------------------------
+    def _parent_dir(self) -> Path:
+        if self.recipe.model.is_demo:
+            from lmpress.demo.build import ensure_demo_parent
+
+            return ensure_demo_parent(self.recipe.model.source.removeprefix("demo:"), progress=self.progress)
+        return Path(self.recipe.model.source).expanduser()
+
+    def _load(self, path: Path, field: str = "model.source") -> Bundle:
+        m = self.recipe.model
+        model, tok = load_checkpoint(
+            path, self.device, self.recipe.dtype, m.allow_pickle, m.trust_remote_code, field
+        )
+        return Bundle(model, tok)
+
+    def _calibration(self):
+        cal = self.recipe.calibration
+        docs: list = []
+
+        def batches(tokenizer) -> list[dict[str, torch.Tensor]]:
+            if not docs:
+                docs.extend(calibration_documents(cal))
+            out = calibration_batches(
+                tokenizer, docs, cal.num_samples, cal.seq_len, cal.batch_size, self.recipe.seed
+            )
+            return [{k: v.to(self.device) for k, v in b.items()} for b in out]
+
+        return batches
+
+    # ---- scoring ----------------------------------------------------------------------------
+    def score(self, bundle: Bundle, label: str) -> dict:
+        from lmpress.evaluate.harness import evaluate
+
+        ev = self.recipe.evaluation
+        t0 = time.perf_counter()
+        log.info("scoring %s on %s", label, ", ".join(ev.tasks))
+        metrics = evaluate(
+            bundle.model,
+            bundle.tokenizer,
+            ev.tasks,
+            limit=ev.limit,
+            batch_size=ev.batch_size,
+            max_length=ev.max_length,
+            seed=self.recipe.seed,
+        )
+        seconds = time.perf_counter() - t0
+        log.info("scored %s in %.1f s: %s", label, seconds, _short(metrics))
+        return {
+            "lm_eval": metrics,
+            "size": model_size(bundle.model),
+            "eval_seconds": round(seconds, 2),
+            "eval_hash": ev.eval_hash(),
+        }
+
+    # ---- the run ------------------------------------------------------------------------------
+    def run(self, fresh: bool = False) -> dict:
+        t_run = time.perf_counter()
+        manifest = self._load_manifest(fresh)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(
+            self.run_dir / "recipe.yaml",
+            yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False),
+        )
+        parent_dir = self._parent_dir()
+        root_key = _sha(
+            parent_identity(self.recipe),
+            self.recipe.dtype,
+            self.recipe.seed,
+            self.recipe.calibration.model_dump(mode="json"),
+        )
+        old_stages = manifest.get("stages", [])
+        manifest.update(
+            recipe=self.recipe.model_dump(mode="json"),
+            environment=environment(self.device),
+        )
+        manifest.setdefault("parent", {})
+        manifest["stages"] = _contiguous(old_stages)[: len(self.recipe.stages)]
+        eval_hash = self.recipe.evaluation.eval_hash()
+        current: Bundle | None = None
+
+        parent = manifest["parent"]
+        if parent.get("key") != root_key or parent.get("metrics", {}).get("eval_hash") != eval_hash:
+            current = self._load(parent_dir)
+            parent.update(
+                source=self.recipe.model.source, key=root_key, checkpoint=str(parent_dir),
+                metrics=self.score(current, "parent"),
+            )
+            self._save(manifest)
+        else:
+            log.info("parent: scores up to date (skipped)")
+        if self.recipe.model.is_demo:
+            from lmpress.demo.build import build_info
+
+            parent["demo_build"] = build_info(self.recipe.model.source.removeprefix("demo:"))
+
+        key, ckpt = root_key, parent_dir
+        stages = self.recipe.stages
+        for i, stage in enumerate(tqdm(stages, desc="stages", disable=not self.progress or not stages)):
+            key = _sha(key, stage.stage, stage.config_hash())
+            current, ckpt = self._run_stage(i, stage, key, current, ckpt, manifest)
+
+        manifest["export"] = self._export(ckpt, key, manifest.get("export", {}))
+        manifest["seconds_this_invocation"] = round(time.perf_counter() - t_run, 2)
+        self._save(manifest)
+        from lmpress.report import write_report
+
+        write_report(manifest, self.run_dir)
+        log.info("run finished in %.1f s: %s", time.perf_counter() - t_run, self.run_dir)
+        return manifest
+
+    def _run_stage(
+        self, i: int, stage: StageConfig, key: str, current: Bundle | None, ckpt: Path, manifest: dict
+    ) -> tuple[Bundle | None, Path]:
+        name = f"{i + 1:02d}-{stage.stage}"
+        stage_dir = self.run_dir / "stages" / name
+        entries = manifest["stages"]
+        old = entries[i] if i < len(entries) else {}
+        out_ckpt = stage_dir / "checkpoint"
+        done = old.get("key") == key and old.get("status") == "done" and out_ckpt.is_dir()
+        label = f"stage {i + 1}/{len(self.recipe.stages)} {stage.stage}"
+        if done:
+            log.info("%s: finished earlier with the same input and options (skipped)", label)
+            entry = old
+            bundle = None
+        else:
+            bundle_in = current if current is not None else self._load(ckpt)
+            entry = {
+                "index": i, "name": stage.stage, "status": "running", "key": key,
+                "config_hash": stage.config_hash(), "config": stage.model_dump(mode="json"),
+            }
+            entries[i:] = [entry]
+            self._save(manifest)
+            log.info("%s: running", label)
+            t0 = time.perf_counter()
+            ctx = StageContext(
+                device=self.device,
+                seed=self.recipe.seed,
+                work_dir=stage_dir / "work",
+                calibration_batches=self._calibration(),
+                load_parent=lambda: self._load(self._parent_dir()),
+                log=logging.getLogger(f"lmpress.{stage.stage}"),
+            )
+            torch.manual_seed(self.recipe.seed)
+            bundle = stage.apply(bundle_in, ctx)
+            bundle = bundle.evolve(stage.stage, stage.config_hash())
+            save_checkpoint(bundle.model, bundle.tokenizer, out_ckpt)
+            entry.update(
+                status="done",
+                seconds=round(time.perf_counter() - t0, 2),
+                checkpoint=str(out_ckpt),
+                summary=ctx.summary,
+            )
+            log.info("%s: done in %.1f s", label, entry["seconds"])
+            self._save(manifest)
+        ev = self.recipe.evaluation
+        is_last = i == len(self.recipe.stages) - 1
+        if (ev.after_each_stage or is_last) and entry.get("metrics", {}).get("eval_hash") != ev.eval_hash():
+            bundle = bundle if bundle is not None else self._load(out_ckpt)
+            entry["metrics"] = self.score(bundle, label)
+            self._save(manifest)
+        return bundle, out_ckpt
+
+    def _export(self, ckpt: Path, key: str, old: dict) -> dict:
+        out = self.run_dir / "export"
+        if old.get("key") == key and out.is_dir():
+            log.info("export: up to date (skipped)")
+            return old
+        with atomic.directory(out) as tmp:
+            for f in ckpt.iterdir():
+                if f.is_file() and f.name != "lmpress_demo.json":
+                    shutil.copy2(f, tmp / f.name)
+        log.info("export: %s", out)
+        return {"key": key, "path": str(out), "source": str(ckpt)}
+
+
+def _contiguous(entries: list[dict]) -> list[dict]:
+    """The prefix of stage entries whose indices run 0, 1, 2, … (anything else is stale)."""
+    out = []
+    for i, e in enumerate(entries):
+        if e.get("index") != i:
+            break
+        out.append(e)
+    return out
+
+
+def model_size(model: torch.nn.Module) -> dict:
+    params = list(model.parameters())
+    return {
+        "parameters": sum(p.numel() for p in params),
+        "weight_bytes": sum(p.numel() * p.element_size() for p in params),
+    }
+
+
+def _short(metrics: dict) -> str:
+    return "; ".join(
+        f"{task} " + ", ".join(f"{k}={v:.4g}" for k, v in m.items() if k != "sample_len")
+        for task, m in metrics.items()
+    )
+
+
+def run_recipe(recipe: Recipe, device: str | None = None, fresh: bool = False, progress=True) -> dict:
+    try:
+        return Pipeline.create(recipe, device, progress).run(fresh=fresh)
+    except torch.cuda.OutOfMemoryError as e:  # pragma: no cover - GPU only
+        raise LmpressError(f"device: out of GPU memory ({e}); lower batch sizes") from e

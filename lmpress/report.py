@@ -1,0 +1,87 @@
+"""A short Markdown report of a run: the parent and every stage side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmpress import atomic
+
+HEADLINE = [("stdlib_bpb", "bits_per_byte", "bits/byte ↓"), ("stdlib_mc", "acc", "next-line acc ↑")]
+
+
+def _metric(metrics: dict | None, task: str, name: str) -> str:
+    value = (metrics or {}).get("lm_eval", {}).get(task, {}).get(name)
+    return "–" if value is None else f"{value:.4f}"
+
+
+def _row(label: str, seconds: float | None, metrics: dict | None, extra: list[str]) -> str:
+    size = (metrics or {}).get("size", {})
+    cells = [
+        label,
+        "–" if seconds is None else f"{seconds:.1f}",
+        *extra,
+        f"{size['parameters'] / 1e6:.3f}" if size else "–",
+        f"{size['weight_bytes'] / 2**20:.2f}" if size else "–",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def render(manifest: dict) -> str:
+    tasks = sorted({t for e in _entries(manifest) for t in (e.get("metrics") or {}).get("lm_eval", {})})
+    columns = [(t, m, h) for t, m, h in HEADLINE if t in tasks]
+    others = [(t, None, t) for t in tasks if t not in {c[0] for c in columns}]
+    head = ["step", "seconds", *[c[2] for c in columns], *[o[2] for o in others], "params (M)", "weights (MiB)"]
+    lines = [
+        f"# lmpress run: {manifest['recipe']['name']}",
+        "",
+        manifest["recipe"].get("description", "").strip(),
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for label, seconds, metrics in _labelled(manifest):
+        extra = [_metric(metrics, t, m) for t, m, _ in columns]
+        extra += [_first_metric(metrics, t) for t, _, _ in others]
+        lines.append(_row(label, seconds, metrics, extra))
+    build = manifest.get("parent", {}).get("demo_build")
+    if build:
+        lines += [
+            "",
+            f"Demo parent `{build['name']}`: {build['parameters'] / 1e6:.2f} M parameters, "
+            f"trained {build['train_seconds']:.0f} s on {build['train_tokens_seen']:,} tokens; "
+            f"build-time validation bits/byte {build['val_bits_per_byte']:.3f}.",
+        ]
+    env = manifest.get("environment", {})
+    lines += [
+        "",
+        f"Device `{env.get('device')}`, torch {env.get('torch')}, transformers "
+        f"{env.get('transformers')}, lm-eval {env.get('lm_eval')}. "
+        f"Export: `{manifest.get('export', {}).get('path', '–')}`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _entries(manifest: dict) -> list[dict]:
+    return [manifest.get("parent", {}), *manifest.get("stages", [])]
+
+
+def _labelled(manifest: dict):
+    parent = manifest.get("parent", {})
+    yield "parent", None, parent.get("metrics")
+    for s in manifest.get("stages", []):
+        yield f"{s['index'] + 1}. {s['name']}", s.get("seconds"), s.get("metrics")
+
+
+def _first_metric(metrics: dict | None, task: str) -> str:
+    row = (metrics or {}).get("lm_eval", {}).get(task, {})
+    for name, value in row.items():
+        if name != "sample_len":
+            return f"{name} {value:.4f}"
+    return "–"
+
+
+def write_report(manifest: dict, run_dir: Path) -> Path:
+    path = Path(run_dir) / "report.md"
+    atomic.write_text(path, render(manifest))
+    return path
