@@ -1,0 +1,70 @@
+"""The command line as a user meets it: help for every command, eval output, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+
+def lmpress(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "lmpress.cli", *args], capture_output=True, text=True, env=env
+    )
+
+
+@pytest.mark.parametrize("cmd", [[], ["run"], ["eval"], ["validate"], ["demo"], ["demo", "build"]])
+def test_every_command_has_help(cmd):
+    out = lmpress(*cmd, "--help")
+    assert out.returncode == 0, out.stderr
+    assert "Usage" in out.stdout
+
+
+def test_eval_prints_finite_metrics_and_writes_json(tiny_checkpoint, tmp_path):
+    target = tmp_path / "metrics.json"
+    out = lmpress(
+        "eval", str(tiny_checkpoint), "--tasks", "stdlib_bpb", "--limit", "2",
+        "--max-length", "64", "--device", "cpu", "--output", str(target), "--quiet",
+    )
+    assert out.returncode == 0, out.stderr
+    metrics = json.loads(target.read_text())
+    assert math.isfinite(metrics["stdlib_bpb"]["bits_per_byte"])
+    assert json.loads(out.stdout) == metrics
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["eval", "/no/such/model"], "error: MODEL: checkpoint directory not found"),
+        (["eval", "demo:nope"], "error: unknown demo parent 'nope'"),
+        (["eval", "CKPT", "--tasks", "no_such_task_xyz"], "error: evaluation.tasks: unknown"),
+        (["eval", "CKPT", "--device", "cuda:7"], "error: --device: 'cuda:7' asked for"),
+        (["eval", "CKPT", "--dtype", "int3"], "error: --dtype: must be one of"),
+        (["demo", "build", "nope"], "error: unknown demo parent 'nope'"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(tiny_checkpoint, args, expected):
+    args = [str(tiny_checkpoint) if a == "CKPT" else a for a in args]
+    out = lmpress(*args, "--quiet") if args[0] == "eval" else lmpress(*args)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr
+    assert expected in out.stderr.strip().splitlines()[-1]
+
+
+def test_pickle_only_checkpoint_is_refused_with_how_to_allow(tiny_checkpoint, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    ckpt = tmp_path / "pickled"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    weights = load_file(ckpt / "model.safetensors")
+    (ckpt / "model.safetensors").unlink()
+    torch.save(weights, ckpt / "pytorch_model.bin")
+    out = lmpress("eval", str(ckpt), "--quiet")
+    assert out.returncode == 2
+    assert "pickle" in out.stderr and "allow_pickle: true" in out.stderr
