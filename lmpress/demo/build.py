@@ -65,7 +65,8 @@ def ensure_demo_parent(name: str, force: bool = False, progress: bool = True) ->
 
 def _build(spec: DemoSpec, out: Path, progress: bool) -> dict:
     torch.manual_seed(spec.seed)
-    train_docs, val_docs = split_documents(stdlib_documents(), spec.val_fraction, spec.seed)
+    docs = stdlib_documents()[: spec.max_documents]
+    train_docs, val_docs = split_documents(docs, spec.val_fraction, spec.seed)
     t0 = time.perf_counter()
     tokenizer = train_demo_tokenizer((d.text for d in train_docs), spec.vocab_size)
     log.info("tokenizer: %d tokens in %.1f s", len(tokenizer), time.perf_counter() - t0)

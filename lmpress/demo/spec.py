@@ -24,6 +24,7 @@ class DemoSpec:
     weight_decay: float = 0.1
     val_fraction: float = 0.1
     val_windows: int = 48
+    max_documents: int | None = None  # None: the whole corpus (tests use a few documents)
     seed: int = 0
 
     def cache_key(self) -> str:
