@@ -19,10 +19,14 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-demo_app = typer.Typer(help="The embedded demo parents (built offline, cached).", no_args_is_help=True)
+demo_app = typer.Typer(
+    help="The embedded demo parents (built offline, cached).", no_args_is_help=True
+)
 app.add_typer(demo_app, name="demo")
 
-DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N (overrides the recipe)")]
+DeviceOpt = Annotated[
+    str | None, typer.Option(help="auto, cpu, cuda or cuda:N (overrides the recipe)")
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars, warnings only")]
 
 
@@ -45,7 +49,9 @@ def run(
     recipe: Annotated[Path, typer.Argument(help="recipe YAML file")],
     device: DeviceOpt = None,
     fresh: Annotated[bool, typer.Option(help="discard earlier results and start over")] = False,
-    output_dir: Annotated[str | None, typer.Option(help="run directory (default runs/<name>)")] = None,
+    output_dir: Annotated[
+        str | None, typer.Option(help="run directory (default runs/<name>)")
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Run a recipe: score the parent, run and score each stage, export, report.
@@ -77,32 +83,31 @@ def validate(recipe: Annotated[Path, typer.Argument(help="recipe YAML file")]) -
 @app.command("eval")
 def eval_cmd(
     model: Annotated[str, typer.Argument(help="checkpoint directory, or demo:<name>")],
-    tasks: Annotated[str, typer.Option(help="comma-separated lm-eval task names")] = "stdlib_bpb,stdlib_mc",
-    limit: Annotated[int | None, typer.Option(min=1, help="documents per task")] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 8,
-    max_length: Annotated[int | None, typer.Option(min=16, help="tokens per window")] = None,
+    tasks: Annotated[
+        str, typer.Option(help="comma-separated lm-eval task names")
+    ] = "stdlib_bpb,stdlib_mc",
+    limit: Annotated[int | None, typer.Option(help="documents per task")] = None,
+    batch_size: Annotated[int, typer.Option()] = 8,
+    max_length: Annotated[int | None, typer.Option(help="tokens per window")] = None,
     device: DeviceOpt = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
-    trust_remote_code: Annotated[bool, typer.Option(help="run code shipped in the checkpoint")] = False,
+    trust_remote_code: Annotated[
+        bool, typer.Option(help="run code shipped in the checkpoint")
+    ] = False,
     output: Annotated[Path | None, typer.Option(help="write the metrics as JSON here")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Score a checkpoint with lm-evaluation-harness (offline tasks by default)."""
-    from lmpress.device import resolve_device
-    from lmpress.load import DTYPES
-
-    if dtype not in DTYPES:
-        raise LmpressError(f"--dtype: must be one of {', '.join(DTYPES)}")
+    _at_least(
+        ("--limit", limit, 1), ("--batch-size", batch_size, 1), ("--max-length", max_length, 16)
+    )
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
     if not task_list:
         raise LmpressError("--tasks: no task named")
-    dev = resolve_device(device or "auto", "--device")
     _setup_logging(quiet)
-    model_dir = _model_dir(model, quiet)
     from lmpress.evaluate.harness import evaluate
-    from lmpress.load import load_checkpoint
 
-    m, tok = load_checkpoint(model_dir, str(dev), dtype, trust_remote_code=trust_remote_code, field="MODEL")
+    m, tok = _load(model, device, dtype, trust_remote_code, quiet, "MODEL")
     metrics = evaluate(m, tok, task_list, limit=limit, batch_size=batch_size, max_length=max_length)
     text = json.dumps(metrics, indent=2)
     if output:
@@ -110,6 +115,114 @@ def eval_cmd(
 
         atomic.write_text(output, text + "\n")
     typer.echo(text)
+
+
+def _at_least(*checks: tuple[str, int | None, int]) -> None:
+    """One line per option below its minimum (typer's own check prints a multi-line box)."""
+    problems = [f"{name}: must be ≥ {low}" for name, v, low in checks if v is not None and v < low]
+    if problems:
+        raise LmpressError(*problems)
+
+
+def _load(
+    model: str, device: str | None, dtype: str, trust_remote_code: bool, quiet: bool, field: str
+):
+    from lmpress.device import resolve_device
+    from lmpress.load import DTYPES, load_checkpoint
+
+    if dtype not in DTYPES:
+        raise LmpressError(f"--dtype: must be one of {', '.join(DTYPES)}")
+    dev = resolve_device(device or "auto", "--device")
+    path = _model_dir(model, quiet)
+    return load_checkpoint(path, str(dev), dtype, trust_remote_code=trust_remote_code, field=field)
+
+
+@app.command()
+def bench(
+    model: Annotated[str, typer.Argument(help="checkpoint directory, or demo:<name>")],
+    vs: Annotated[str | None, typer.Option(help="second model: print its ratios to MODEL")] = None,
+    requests: Annotated[int, typer.Option(help="requests per run")] = 16,
+    concurrency: Annotated[int, typer.Option(help="requests served at once")] = 4,
+    max_new_tokens: Annotated[int, typer.Option(help="generation budget per request")] = 32,
+    efforts: Annotated[
+        str | None, typer.Option(help="comma-separated budgets/effort names for the frontier")
+    ] = None,
+    repeats: Annotated[int, typer.Option(help="timed repeats (spread is reported)")] = 3,
+    warmup: Annotated[int, typer.Option(help="untimed warm-up runs")] = 1,
+    stop_at_newline: Annotated[bool, typer.Option(help="a request completes one line")] = True,
+    seed: int = 0,
+    device: DeviceOpt = None,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
+    trust_remote_code: Annotated[
+        bool, typer.Option(help="run code shipped in the checkpoint")
+    ] = False,
+    output: Annotated[Path | None, typer.Option(help="write the results as JSON here")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Request-level serving efficiency (vLLM's metric names), alone or side by side (--vs)."""
+    from pydantic import ValidationError
+
+    from lmpress.recipe import Efficiency, format_errors
+
+    effort_list = [
+        int(e) if e.strip().lstrip("-").isdigit() else e.strip()
+        for e in (efforts or "").split(",")
+        if e.strip()
+    ]
+    try:
+        cfg = Efficiency(
+            requests=requests,
+            concurrency=concurrency,
+            max_new_tokens=max_new_tokens,
+            efforts=effort_list or [max_new_tokens],
+            repeats=repeats,
+            warmup=warmup,
+            stop_at_newline=stop_at_newline,
+        )
+    except ValidationError as e:
+        raise LmpressError(*["--" + p.replace("_", "-") for p in format_errors(e)]) from e
+    _setup_logging(quiet)
+    from lmpress.evaluate import efficiency as eff
+    from lmpress.evaluate.requests import score_efficiency, workload_for
+
+    m_a, tok_a = _load(model, device, dtype, trust_remote_code, quiet, "MODEL")
+    if vs is None:
+        result = score_efficiency(m_a, tok_a, cfg, seed)
+        typer.echo(_frontier_table({model: result["frontier"]}))
+        _write_json(output, result)
+        return
+    m_b, tok_b = _load(vs, device, dtype, trust_remote_code, quiet, "--vs")
+    workload, _ = workload_for(m_a, tok_a, cfg, seed)
+    comparison = eff.compare(m_a, m_b, tok_a, workload, tokenizer_b=tok_b, labels=(model, vs))
+    typer.echo(eff.format_comparison(comparison))
+    fronts = {model: score_efficiency(m_a, tok_a, cfg, seed)["frontier"]}
+    fronts[vs] = score_efficiency(m_b, tok_b, cfg, seed)["frontier"]
+    typer.echo(_frontier_table(fronts))
+    _write_json(output, {"comparison": comparison.to_dict(), "frontiers": fronts})
+
+
+def _frontier_table(fronts: dict[str, list[dict]]) -> str:
+    first = next(iter(fronts.values()))
+    lines = ["", "model | effort | accuracy | req/s | tok/request | relative request rate"]
+    for name, points in fronts.items():
+        for p, base in zip(points, first, strict=True):
+            rel = (
+                p["request_efficiency"] / base["request_efficiency"]
+                if base["request_efficiency"]
+                else float("nan")
+            )
+            lines.append(
+                f"{name} | {p['effort']} | {p['accuracy']:.3f} | {p['request_efficiency']:.3f} | "
+                f"{p['mean_generated_tokens']:.1f} | {rel:.3f}"
+            )
+    return "\n".join(lines)
+
+
+def _write_json(path: Path | None, data) -> None:
+    if path:
+        from lmpress import atomic
+
+        atomic.write_json(path, data)
 
 
 def _model_dir(model: str, quiet: bool) -> Path:

@@ -78,7 +78,9 @@ class Pipeline:
     @classmethod
     def create(cls, recipe: Recipe, device: str | None = None, progress: bool = True):
         field = "--device" if device else "device"
-        return cls(recipe, resolve_device(device or recipe.device, field), recipe.run_dir(), progress)
+        return cls(
+            recipe, resolve_device(device or recipe.device, field), recipe.run_dir(), progress
+        )
 
     # ---- manifest -------------------------------------------------------------------------
     def _load_manifest(self, fresh: bool) -> dict:
@@ -100,7 +102,9 @@ class Pipeline:
         if self.recipe.model.is_demo:
             from lmpress.demo.build import ensure_demo_parent
 
-            return ensure_demo_parent(self.recipe.model.source.removeprefix("demo:"), progress=self.progress)
+            return ensure_demo_parent(
+                self.recipe.model.source.removeprefix("demo:"), progress=self.progress
+            )
         return Path(self.recipe.model.source).expanduser()
 
     def _load(self, path: Path, field: str = "model.source") -> Bundle:
@@ -125,7 +129,8 @@ class Pipeline:
         return batches
 
     # ---- scoring ----------------------------------------------------------------------------
-    def score(self, bundle: Bundle, label: str) -> dict:
+    def score(self, bundle: Bundle, label: str, with_efficiency: bool) -> dict:
+        """lm-eval accuracy, size, and (when enabled) request-level serving efficiency."""
         from lmpress.evaluate.harness import evaluate
 
         ev = self.recipe.evaluation
@@ -142,12 +147,33 @@ class Pipeline:
         )
         seconds = time.perf_counter() - t0
         log.info("scored %s in %.1f s: %s", label, seconds, _short(metrics))
-        return {
+        scores = {
             "lm_eval": metrics,
             "size": model_size(bundle.model),
             "eval_seconds": round(seconds, 2),
-            "eval_hash": ev.eval_hash(),
+            "eval_hash": self.recipe.score_hash(),
         }
+        if with_efficiency:
+            scores["efficiency"] = self._efficiency(bundle, label)
+        return scores
+
+    def _efficiency(self, bundle: Bundle, label: str) -> dict:
+        from lmpress.evaluate.requests import score_efficiency
+
+        t0 = time.perf_counter()
+        cfg = self.recipe.efficiency
+        log.info("serving %d requests at concurrency %d (%s)", cfg.requests, cfg.concurrency, label)
+        result = score_efficiency(bundle.model, bundle.tokenizer, cfg, self.recipe.seed)
+        m = result["metrics"]
+        log.info(
+            "served %s in %.1f s: %.2f req/s, %.1f tok/request, TTFT %.1f ms",
+            label,
+            time.perf_counter() - t0,
+            m["request_throughput"]["mean"],
+            m["mean_generated_tokens"]["mean"],
+            m["mean_ttft_ms"]["mean"],
+        )
+        return result
 
     # ---- the run ------------------------------------------------------------------------------
     def run(self, fresh: bool = False) -> dict:
@@ -172,15 +198,18 @@ class Pipeline:
         )
         manifest.setdefault("parent", {})
         manifest["stages"] = _contiguous(old_stages)[: len(self.recipe.stages)]
-        eval_hash = self.recipe.evaluation.eval_hash()
+        eval_hash = self.recipe.score_hash()
+        efficiency = self.recipe.efficiency
         current: Bundle | None = None
 
         parent = manifest["parent"]
         if parent.get("key") != root_key or parent.get("metrics", {}).get("eval_hash") != eval_hash:
             current = self._load(parent_dir)
             parent.update(
-                source=self.recipe.model.source, key=root_key, checkpoint=str(parent_dir),
-                metrics=self.score(current, "parent"),
+                source=self.recipe.model.source,
+                key=root_key,
+                checkpoint=str(parent_dir),
+                metrics=self.score(current, "parent", efficiency.enabled),
             )
             self._save(manifest)
         else:
@@ -192,7 +221,9 @@ class Pipeline:
 
         key, ckpt = root_key, parent_dir
         stages = self.recipe.stages
-        for i, stage in enumerate(tqdm(stages, desc="stages", disable=not self.progress or not stages)):
+        for i, stage in enumerate(
+            tqdm(stages, desc="stages", disable=not self.progress or not stages)
+        ):
             key = _sha(key, stage.stage, stage.config_hash())
             current, ckpt = self._run_stage(i, stage, key, current, ckpt, manifest)
 
@@ -206,7 +237,13 @@ class Pipeline:
         return manifest
 
     def _run_stage(
-        self, i: int, stage: StageConfig, key: str, current: Bundle | None, ckpt: Path, manifest: dict
+        self,
+        i: int,
+        stage: StageConfig,
+        key: str,
+        current: Bundle | None,
+        ckpt: Path,
+        manifest: dict,
     ) -> tuple[Bundle | None, Path]:
         name = f"{i + 1:02d}-{stage.stage}"
         stage_dir = self.run_dir / "stages" / name
@@ -222,8 +259,12 @@ class Pipeline:
         else:
             bundle_in = current if current is not None else self._load(ckpt)
             entry = {
-                "index": i, "name": stage.stage, "status": "running", "key": key,
-                "config_hash": stage.config_hash(), "config": stage.model_dump(mode="json"),
+                "index": i,
+                "name": stage.stage,
+                "status": "running",
+                "key": key,
+                "config_hash": stage.config_hash(),
+                "config": stage.model_dump(mode="json"),
             }
             entries[i:] = [entry]
             self._save(manifest)
@@ -249,11 +290,14 @@ class Pipeline:
             )
             log.info("%s: done in %.1f s", label, entry["seconds"])
             self._save(manifest)
-        ev = self.recipe.evaluation
+        ev, eff = self.recipe.evaluation, self.recipe.efficiency
         is_last = i == len(self.recipe.stages) - 1
-        if (ev.after_each_stage or is_last) and entry.get("metrics", {}).get("eval_hash") != ev.eval_hash():
+        stale = entry.get("metrics", {}).get("eval_hash") != self.recipe.score_hash()
+        if (ev.after_each_stage or is_last) and stale:
             bundle = bundle if bundle is not None else self._load(out_ckpt)
-            entry["metrics"] = self.score(bundle, label)
+            with_eff = eff.enabled and (eff.after_each_stage or is_last)
+            entry["metrics"] = self.score(bundle, label, with_eff)
+            _relative_to_parent(entry["metrics"], manifest["parent"].get("metrics", {}))
             self._save(manifest)
         return bundle, out_ckpt
 
@@ -270,6 +314,17 @@ class Pipeline:
         return {"key": key, "path": str(out), "source": str(ckpt)}
 
 
+def _relative_to_parent(metrics: dict, parent: dict) -> None:
+    """Puzzle's x-axis: request efficiency over the parent's, per effort, next to accuracy."""
+    child_pts = metrics.get("efficiency", {}).get("frontier", [])
+    parent_pts = {str(p["effort"]): p for p in parent.get("efficiency", {}).get("frontier", [])}
+    for p in child_pts:
+        base = parent_pts.get(str(p["effort"]))
+        if base and base["request_efficiency"] > 0:
+            p["relative_request_rate"] = p["request_efficiency"] / base["request_efficiency"]
+            p["parent_accuracy"] = base["accuracy"]
+
+
 def _contiguous(entries: list[dict]) -> list[dict]:
     """The prefix of stage entries whose indices run 0, 1, 2, … (anything else is stale)."""
     out = []
@@ -281,10 +336,11 @@ def _contiguous(entries: list[dict]) -> list[dict]:
 
 
 def model_size(model: torch.nn.Module) -> dict:
-    params = list(model.parameters())
+    from lmpress.evaluate.efficiency import weight_bytes
+
     return {
-        "parameters": sum(p.numel() for p in params),
-        "weight_bytes": sum(p.numel() * p.element_size() for p in params),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "weight_bytes": weight_bytes(model),
     }
 
 
@@ -295,7 +351,9 @@ def _short(metrics: dict) -> str:
     )
 
 
-def run_recipe(recipe: Recipe, device: str | None = None, fresh: bool = False, progress=True) -> dict:
+def run_recipe(
+    recipe: Recipe, device: str | None = None, fresh: bool = False, progress=True
+) -> dict:
     try:
         return Pipeline.create(recipe, device, progress).run(fresh=fresh)
     except torch.cuda.OutOfMemoryError as e:  # pragma: no cover - GPU only

@@ -27,8 +27,12 @@ class Strict(BaseModel):
 class ModelSource(Strict):
     """Where the parent comes from: a local HF checkpoint directory or `demo:<name>`."""
 
-    source: str = Field(description="local checkpoint directory, or demo:<name> (lmpress demo list)")
-    trust_remote_code: bool = Field(False, description="run modeling code shipped in the checkpoint")
+    source: str = Field(
+        description="local checkpoint directory, or demo:<name> (lmpress demo list)"
+    )
+    trust_remote_code: bool = Field(
+        False, description="run modeling code shipped in the checkpoint"
+    )
     allow_pickle: bool = Field(False, description="allow .bin/.pt weights (can execute code)")
 
     @field_validator("source")
@@ -92,9 +96,33 @@ class Evaluation(Strict):
     max_length: int | None = Field(None, ge=16, description="tokens per window (default: model's)")
     after_each_stage: bool = True
 
-    def eval_hash(self) -> str:
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+class Efficiency(Strict):
+    """Request-level serving cost, measured on held-out next-line requests after each stage."""
+
+    enabled: bool = True
+    requests: int = Field(16, ge=1, description="requests per run")
+    concurrency: int = Field(4, ge=1, description="requests served at once (batched, KV cache)")
+    max_new_tokens: int = Field(32, ge=1, description="budget for named efforts")
+    efforts: list[int | str] = Field(
+        default_factory=lambda: [8, 32],
+        min_length=1,
+        description="token budgets, or reasoning-effort names the chat template takes; "
+        "the last one is the headline",
+    )
+    repeats: int = Field(2, ge=1)
+    warmup: int = Field(1, ge=0)
+
+    @field_validator("efforts")
+    @classmethod
+    def _budgets_positive(cls, v: list[int | str]) -> list[int | str]:
+        for i, e in enumerate(v):
+            if isinstance(e, int) and e < 1:
+                raise ValueError(f"item {i} ({e}): a token budget must be ≥ 1")
+        return v
+
+    stop_at_newline: bool = Field(True, description="a request completes one line of text")
+    after_each_stage: bool = True
 
 
 class Recipe(Strict):
@@ -106,6 +134,7 @@ class Recipe(Strict):
     seed: int = 0
     calibration: Calibration = Field(default_factory=Calibration)
     evaluation: Evaluation = Field(default_factory=Evaluation)
+    efficiency: Efficiency = Field(default_factory=Efficiency)
     stages: list[Any] = Field(default_factory=list)
     output_dir: str | None = Field(None, description="run directory (default runs/<name>)")
 
@@ -119,6 +148,14 @@ class Recipe(Strict):
     @property
     def stage_configs(self) -> list[StageConfig]:
         return self.stages
+
+    def score_hash(self) -> str:
+        """Changes when anything that the scores depend on (besides the model) changes."""
+        blob = json.dumps(
+            [self.evaluation.model_dump(mode="json"), self.efficiency.model_dump(mode="json")],
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def run_dir(self) -> Path:
         return Path(self.output_dir) if self.output_dir else Path("runs") / self.name

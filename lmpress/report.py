@@ -27,10 +27,19 @@ def _row(label: str, seconds: float | None, metrics: dict | None, extra: list[st
 
 
 def render(manifest: dict) -> str:
-    tasks = sorted({t for e in _entries(manifest) for t in (e.get("metrics") or {}).get("lm_eval", {})})
+    tasks = sorted(
+        {t for e in _entries(manifest) for t in (e.get("metrics") or {}).get("lm_eval", {})}
+    )
     columns = [(t, m, h) for t, m, h in HEADLINE if t in tasks]
     others = [(t, None, t) for t in tasks if t not in {c[0] for c in columns}]
-    head = ["step", "seconds", *[c[2] for c in columns], *[o[2] for o in others], "params (M)", "weights (MiB)"]
+    head = [
+        "step",
+        "seconds",
+        *[c[2] for c in columns],
+        *[o[2] for o in others],
+        "params (M)",
+        "weights (MiB)",
+    ]
     lines = [
         f"# lmpress run: {manifest['recipe']['name']}",
         "",

@@ -26,8 +26,19 @@ def test_every_command_has_help(cmd):
 def test_eval_prints_finite_metrics_and_writes_json(tiny_checkpoint, tmp_path):
     target = tmp_path / "metrics.json"
     out = lmpress(
-        "eval", str(tiny_checkpoint), "--tasks", "stdlib_bpb", "--limit", "2",
-        "--max-length", "64", "--device", "cpu", "--output", str(target), "--quiet",
+        "eval",
+        str(tiny_checkpoint),
+        "--tasks",
+        "stdlib_bpb",
+        "--limit",
+        "2",
+        "--max-length",
+        "64",
+        "--device",
+        "cpu",
+        "--output",
+        str(target),
+        "--quiet",
     )
     assert out.returncode == 0, out.stderr
     metrics = json.loads(target.read_text())
@@ -68,3 +79,42 @@ def test_pickle_only_checkpoint_is_refused_with_how_to_allow(tiny_checkpoint, tm
     out = lmpress("eval", str(ckpt), "--quiet")
     assert out.returncode == 2
     assert "pickle" in out.stderr and "allow_pickle: true" in out.stderr
+
+
+def test_bench_writes_every_serving_metric(tiny_checkpoint, tmp_path):
+    target = tmp_path / "bench.json"
+    out = lmpress(
+        "bench", str(tiny_checkpoint), "--requests", "4", "--concurrency", "2", "--efforts", "2,5",
+        "--repeats", "2", "--warmup", "0", "--device", "cpu", "--output", str(target), "--quiet",
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(target.read_text())
+    m = result["metrics"]
+    for name in ("request_throughput", "output_throughput", "total_token_throughput",
+                 "request_efficiency", "mean_generated_tokens"):
+        assert m[name]["mean"] > 0 and m[name]["min"] <= m[name]["mean"] <= m[name]["max"]
+    for t in ("ttft", "tpot", "itl", "e2el"):
+        for stat in ("mean", "median", "p90", "p99"):
+            assert f"{stat}_{t}_ms" in m
+    assert m["mean_ttft_ms"]["mean"] <= m["mean_e2el_ms"]["mean"]
+    assert [p["effort"] for p in result["frontier"]] == [2, 5]
+    mem = result["memory"]
+    assert mem["kv_bytes_per_token"] > 0 and mem["weight_bytes"] > 0 and mem["kv_peak_bytes"] > 0
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["/no/such/model"], "error: MODEL: checkpoint directory not found"),
+        (["CKPT", "--concurrency", "0"], "error: --concurrency: must be ≥ 1"),
+        (["CKPT", "--max-new-tokens", "0"], "error: --max-new-tokens: must be ≥ 1"),
+        (["CKPT", "--efforts", "4,0"], "error: --efforts: item 1 (0): a token budget must be ≥ 1"),
+        (["CKPT", "--vs", "/no/such/b"], "error: --vs: checkpoint directory not found"),
+    ],
+)
+def test_bench_bad_arguments_exit_2(tiny_checkpoint, args, expected):
+    args = [str(tiny_checkpoint) if a == "CKPT" else a for a in args]
+    out = lmpress("bench", *args, "--quiet", "--repeats", "1", "--warmup", "0", "--requests", "2")
+    assert out.returncode == 2, (out.stdout, out.stderr[-1000:])
+    assert "Traceback" not in out.stderr
+    assert any(line.startswith(expected) for line in out.stderr.strip().splitlines())

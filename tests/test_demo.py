@@ -16,8 +16,14 @@ def tiny_spec(monkeypatch):
     tiny = dataclasses.replace(
         spec.GPT_OSS_MOE,
         vocab_size=320,
-        model={**spec.GPT_OSS_MOE.model, "hidden_size": 32, "intermediate_size": 32,
-               "num_hidden_layers": 2, "num_attention_heads": 2, "head_dim": 16},
+        model={
+            **spec.GPT_OSS_MOE.model,
+            "hidden_size": 32,
+            "intermediate_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "head_dim": 16,
+        },
         seq_len=64,
         batch_size=2,
         steps=3,

@@ -36,7 +36,7 @@ def _register(monkeypatch):
     RUNS.clear()
 
 
-def recipe(tiny_checkpoint, run_dir, stages, **eval_opts):
+def recipe(tiny_checkpoint, run_dir, stages, efficiency=None, **eval_opts):
     return parse_recipe(
         {
             "name": "t",
@@ -44,6 +44,7 @@ def recipe(tiny_checkpoint, run_dir, stages, **eval_opts):
             "device": "cpu",
             "evaluation": {"tasks": ["stdlib_bpb"], "limit": 4, "max_length": 64, **eval_opts},
             "calibration": {"num_samples": 4, "seq_len": 32},
+            "efficiency": efficiency or {"enabled": False},
             "stages": stages,
             "output_dir": str(run_dir),
         }
@@ -97,7 +98,7 @@ def test_changed_evaluation_rescored_without_rerunning_stages(tiny_checkpoint, t
     m = run(r)
     assert RUNS == [2.0]
     for entry in (m["parent"], m["stages"][0]):
-        assert entry["metrics"]["eval_hash"] == r.evaluation.eval_hash()
+        assert entry["metrics"]["eval_hash"] == r.score_hash()
     assert m["stages"][0]["metrics"]["eval_hash"] != first["stages"][0]["metrics"]["eval_hash"]
 
 
@@ -131,3 +132,18 @@ def test_config_hash_changes_with_options():
     a, b = ScaleHead(factor=2.0), ScaleHead(factor=2.5)
     assert a.config_hash() != b.config_hash()
     assert a.config_hash() == ScaleHead(factor=2.0).config_hash()
+
+
+def test_efficiency_frontier_recorded_for_parent_and_stages(tiny_checkpoint, tmp_path):
+    eff = {"requests": 4, "concurrency": 2, "efforts": [2, 6], "repeats": 1, "warmup": 0}
+    m = run(recipe(tiny_checkpoint, tmp_path / "run", [{"stage": "scale_head"}], efficiency=eff))
+    for entry in (m["parent"], m["stages"][0]):
+        e = entry["metrics"]["efficiency"]
+        assert [p["effort"] for p in e["frontier"]] == [2, 6]
+        assert all(p["mean_generated_tokens"] <= p["effort"] for p in e["frontier"])
+        assert e["metrics"]["request_throughput"]["mean"] > 0
+        assert e["memory"]["weight_bytes"] == entry["metrics"]["size"]["weight_bytes"]
+    rates = [
+        p["relative_request_rate"] for p in m["stages"][0]["metrics"]["efficiency"]["frontier"]
+    ]
+    assert all(r > 0 for r in rates)

@@ -74,10 +74,16 @@ def run_cli(*args, cwd=None):
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("name: t\nmodel: {source: /nope}\n", "error: model.source: checkpoint directory not found"),
+        (
+            "name: t\nmodel: {source: /nope}\n",
+            "error: model.source: checkpoint directory not found",
+        ),
         ("name: t\nmodel: [unclosed\n", "malformed YAML (line"),
         ("- just\n- a list\n", "the recipe must be a YAML mapping"),
-        ("name: t\nmodel: {source: demo:gpt-oss-moe}\nstages: [{stage: zap}]\n", "unknown stage 'zap'"),
+        (
+            "name: t\nmodel: {source: demo:gpt-oss-moe}\nstages: [{stage: zap}]\n",
+            "unknown stage 'zap'",
+        ),
     ],
 )
 def test_cli_exits_2_with_one_line_and_writes_nothing(tmp_path, text, expected):

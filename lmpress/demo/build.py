@@ -123,7 +123,10 @@ def _train(model: GptOssForCausalLM, ids: torch.Tensor, spec: DemoSpec, progress
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0}],
+        [
+            {"params": decay, "weight_decay": spec.weight_decay},
+            {"params": no_decay, "weight_decay": 0},
+        ],
         lr=spec.lr,
         betas=(0.9, 0.95),
     )
@@ -149,7 +152,10 @@ def _train(model: GptOssForCausalLM, ids: torch.Tensor, spec: DemoSpec, progress
 def bits_per_byte(model, tokenizer, ids: torch.Tensor, spec: DemoSpec) -> float:
     """Next-token NLL over evenly spaced validation windows, in bits per UTF-8 byte predicted."""
     token_bytes = torch.tensor(
-        [0 if t in tokenizer.all_special_tokens else len(t) for t in tokenizer.convert_ids_to_tokens(range(len(tokenizer)))],
+        [
+            0 if t in tokenizer.all_special_tokens else len(t)
+            for t in tokenizer.convert_ids_to_tokens(range(len(tokenizer)))
+        ],
         dtype=torch.float64,
     )
     n = min(spec.val_windows, ids.numel() // spec.seq_len)
