@@ -62,9 +62,9 @@ def save_checkpoint(
         state_dict = {**model.state_dict(), **extras} if extras else None
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
-        if config is not None:
+        if config is not None:  # GPT-OSS, in the stock or the puzzle layout
             (tmp / "config.json").write_text(config.to_json_string(use_diff=False))
-        _ship_remote_code(tmp, is_puzzle=convert.is_puzzle_config(config or model.config))
+            _ship_puzzle_code(tmp, convert.is_puzzle_config(config))
         _update_json(tmp / "config.json", quantization_config=quantization_config)
         _write_generation_config(tmp, model, tokenizer)
         _scrub(tmp, model)
@@ -105,7 +105,7 @@ def _check_extra_tensors(
     return out
 
 
-def _ship_remote_code(tmp: Path, is_puzzle: bool) -> None:
+def _ship_puzzle_code(tmp: Path, is_puzzle: bool) -> None:
     """Copy the puzzle modeling files in for puzzle checkpoints; remove stale copies otherwise
     (a model loaded through remote code gets them copied by `save_pretrained`)."""
     source = Path(gpt_oss_puzzle.__file__).parent
@@ -114,8 +114,6 @@ def _ship_remote_code(tmp: Path, is_puzzle: bool) -> None:
             shutil.copyfile(source / name, tmp / name)
         else:
             (tmp / name).unlink(missing_ok=True)
-    if not is_puzzle:
-        _update_json(tmp / "config.json", drop=("auto_map",))
 
 
 def _update_json(path: Path, drop: tuple[str, ...] = (), **values: Any) -> None:
