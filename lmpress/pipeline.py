@@ -279,7 +279,10 @@ class Pipeline:
                 log=logging.getLogger(f"lmpress.{stage.stage}"),
             )
             torch.manual_seed(self.recipe.seed)
-            bundle = stage.apply(bundle_in, ctx)
+            try:
+                bundle = stage.apply(bundle_in, ctx)
+            except LmpressError as e:  # name the recipe field: stages[i].<option>
+                raise LmpressError(*[f"stages[{i}].{p}" for p in e.problems]) from e
             bundle = bundle.evolve(stage.stage, stage.config_hash())
             save_checkpoint(bundle.model, bundle.tokenizer, out_ckpt)
             entry.update(

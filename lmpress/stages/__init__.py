@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from lmpress.stages.base import StageConfig, StageContext
+from lmpress.stages.window_attention import WindowAttention
 
-STAGES: dict[str, type[StageConfig]] = {}
+STAGES: dict[str, type[StageConfig]] = {
+    "window_attention": WindowAttention,
+}
 
 __all__ = ["STAGES", "StageConfig", "StageContext"]
