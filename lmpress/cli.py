@@ -183,7 +183,7 @@ def bench(
         raise LmpressError(*["--" + p.replace("_", "-") for p in format_errors(e)]) from e
     _setup_logging(quiet)
     from lmpress.evaluate import efficiency as eff
-    from lmpress.evaluate.requests import score_efficiency, workload_for
+    from lmpress.evaluate.requests import cache_factory_for, score_efficiency, workload_for
 
     m_a, tok_a = _load(model, device, dtype, trust_remote_code, quiet, "MODEL")
     if vs is None:
@@ -193,7 +193,10 @@ def bench(
         return
     m_b, tok_b = _load(vs, device, dtype, trust_remote_code, quiet, "--vs")
     workload, _ = workload_for(m_a, tok_a, cfg, seed)
-    comparison = eff.compare(m_a, m_b, tok_a, workload, tokenizer_b=tok_b, labels=(model, vs))
+    comparison = eff.compare(
+        m_a, m_b, tok_a, workload, tokenizer_b=tok_b, labels=(model, vs),
+        cache_factory_a=cache_factory_for(m_a), cache_factory_b=cache_factory_for(m_b),
+    )
     typer.echo(eff.format_comparison(comparison))
     fronts = {model: score_efficiency(m_a, tok_a, cfg, seed)["frontier"]}
     fronts[vs] = score_efficiency(m_b, tok_b, cfg, seed)["frontier"]

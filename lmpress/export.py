@@ -46,17 +46,25 @@ def save_checkpoint(
     out_dir: str | Path,
     *,
     extra_tensors: Mapping[str, torch.Tensor] | None = None,
-    quantization_config: Mapping[str, Any] | None = None,
+    config_extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Save model (safetensors), config, generation config and tokenizer to `out_dir`, replacing
     it atomically.
 
-    `extra_tensors` (e.g. `model.layers.{i}.self_attn.k_scale`) are written into the same
-    safetensors files as the weights, and `quantization_config` into config.json, in the form
-    vLLM reads for an FP8 KV cache.
+    `extra_tensors` are written into the same safetensors files as the weights and
+    `config_extra` entries into config.json. A model running with an FP8 KV cache gets its
+    calibrated scales (`model.layers.{i}.self_attn.k_scale`/`v_scale`) and `kv_cache_scheme`
+    added automatically, in the form vLLM reads.
     """
+    from lmpress.compress.kv_cache import KV_CONFIG_KEY, fp8_kv_enabled, kv_export_entries
+
     out_dir = Path(out_dir)
-    extras = _check_extra_tensors(model, extra_tensors or {})
+    extra_tensors, config_extra = dict(extra_tensors or {}), dict(config_extra or {})
+    if fp8_kv_enabled(model):
+        kv_tensors, kv_config = kv_export_entries(model)
+        extra_tensors.update(kv_tensors)
+        config_extra[KV_CONFIG_KEY] = kv_config
+    extras = _check_extra_tensors(model, extra_tensors)
     config = export_config(model)
     with atomic.directory(out_dir) as tmp:
         state_dict = {**model.state_dict(), **extras} if extras else None
@@ -65,7 +73,7 @@ def save_checkpoint(
         if config is not None:  # GPT-OSS, in the stock or the puzzle layout
             (tmp / "config.json").write_text(config.to_json_string(use_diff=False))
             _ship_puzzle_code(tmp, convert.is_puzzle_config(config))
-        _update_json(tmp / "config.json", quantization_config=quantization_config)
+        _update_json(tmp / "config.json", **config_extra)
         _write_generation_config(tmp, model, tokenizer)
         _scrub(tmp, model)
     return out_dir

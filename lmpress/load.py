@@ -59,4 +59,17 @@ def load_checkpoint(
     except (OSError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LmpressError(f"{field}: cannot load {path}: {first_line}") from e
+    _restore_fp8_kv(model, path, field)
     return model.to(device).eval(), tokenizer
+
+
+def _restore_fp8_kv(model: PreTrainedModel, path: Path, field: str) -> None:
+    """A checkpoint exported with calibrated FP8 KV scales is measured with FP8 K/V again."""
+    from lmpress.compress.kv_cache import enable_fp8_kv, kv_scales_from_checkpoint
+
+    scales = kv_scales_from_checkpoint(path)
+    if scales is not None:
+        try:
+            enable_fp8_kv(model, scales)
+        except LmpressError as e:
+            raise LmpressError(f"{field}: {path}: {e.problems[0]}") from e

@@ -179,7 +179,7 @@ def test_tokenizer_and_chat_template_are_carried_over(tokenizer, tmp_path):
     )
 
 
-def test_extra_tensors_and_quantization_config_round_trip(tokenizer, tmp_path):
+def test_extra_tensors_and_config_entries_round_trip(tokenizer, tmp_path):
     model = _heterogeneous(tokenizer)
     scales = {}
     for i in range(4):
@@ -190,7 +190,7 @@ def test_extra_tensors_and_quantization_config_round_trip(tokenizer, tmp_path):
         "kv_cache_scheme": {"num_bits": 8, "type": "float"},
     }
     ckpt = save_checkpoint(
-        model, tokenizer, tmp_path / "ckpt", extra_tensors=scales, quantization_config=quant
+        model, tokenizer, tmp_path / "ckpt", extra_tensors=scales, config_extra={"compression_config": quant}
     )
     stored = {}
     for shard in ckpt.glob("*.safetensors"):
@@ -199,7 +199,7 @@ def test_extra_tensors_and_quantization_config_round_trip(tokenizer, tmp_path):
     assert stored.keys() == scales.keys()
     assert all(torch.equal(stored[k], scales[k]) for k in scales)
     config = _config(ckpt)
-    assert config["quantization_config"] == quant
+    assert config["compression_config"] == quant
     assert config["model_type"] == "gpt_oss_puzzle"  # the scales do not change the format
 
 

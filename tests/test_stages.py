@@ -46,3 +46,38 @@ def test_window_attention_bad_layer_names_the_field(tokenizer, tmp_path):
 def test_window_attention_rejects_unknown_option():
     _, errs = parse_stage(2, {"stage": "window_attention", "windows": {1: 8}, "size": 3})
     assert errs == ["stages[2].size: unknown field"]
+
+
+def calibration(tokenizer, n=2, seq_len=24):
+    from lmpress.data.calibration import calibration_batches
+    from lmpress.data.corpus import Document
+    from lmpress.evaluate.offline_tasks import load_task_docs
+
+    docs = [Document(str(i), d["text"]) for i, d in enumerate(load_task_docs("stdlib_bpb")[:4])]
+    return calibration_batches(tokenizer, docs, n, seq_len, 2, seed=0)
+
+
+def test_kv_fp8_stage_halves_kv_bytes_and_survives_export(tokenizer, tmp_path):
+    from lmpress.compress.kv_cache import fp8_kv_enabled, kv_scales_of
+    from lmpress.export import save_checkpoint
+    from lmpress.load import load_checkpoint
+
+    model = tiny_gpt_oss(tokenizer)
+    ids = torch.tensor([tokenizer("def f(x):\n    return x * 2\n")["input_ids"]])
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    stage, _ = parse_stage(0, {"stage": "kv_fp8"})
+    c = ctx(tmp_path, calibration(tokenizer))
+    out = stage.apply(Bundle(model, tokenizer), c)
+    assert c.summary["kv_bytes_per_token_after"] * 4 == c.summary["kv_bytes_per_token_before"]
+    with torch.no_grad():
+        fp8 = out.model(input_ids=ids).logits
+    assert not torch.equal(fp8, ref) and (fp8 - ref).abs().max() < 0.05 * ref.abs().max()
+    save_checkpoint(out.model, tokenizer, tmp_path / "ckpt")
+    config = (tmp_path / "ckpt" / "config.json").read_text()
+    assert '"kv_cache_scheme"' in config and "compression_config" in config
+    reloaded, _ = load_checkpoint(tmp_path / "ckpt")
+    assert fp8_kv_enabled(reloaded)
+    torch.testing.assert_close(kv_scales_of(reloaded).k_scale, kv_scales_of(out.model).k_scale)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, fp8, atol=1e-5, rtol=0)

@@ -56,8 +56,16 @@ def workload_for(model, tokenizer, cfg, seed: int = 0) -> tuple[eff.Workload, li
     return workload, refs
 
 
-def score_efficiency(model, tokenizer, cfg, seed: int = 0, cache_factory=None) -> dict[str, Any]:
+def cache_factory_for(model):
+    """The cache the model really serves with: FP8 storage when its KV cache is FP8."""
+    from lmpress.compress.kv_cache import fp8_kv_enabled, make_fp8_cache
+
+    return (lambda m, batch_size: make_fp8_cache(m)) if fp8_kv_enabled(model) else None
+
+
+def score_efficiency(model, tokenizer, cfg, seed: int = 0) -> dict[str, Any]:
     """Frontier over the configured efforts; the last effort's full metrics with spreads."""
+    cache_factory = cache_factory_for(model)
     workload, refs = workload_for(model, tokenizer, cfg, seed)
     points = eff.frontier(
         model, tokenizer, workload, refs, eff.word_prefix_match, cfg.efforts, cache_factory

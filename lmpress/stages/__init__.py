@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from lmpress.stages.base import StageConfig, StageContext
+from lmpress.stages.kv_fp8 import KVCacheFP8
 from lmpress.stages.window_attention import WindowAttention
 
 STAGES: dict[str, type[StageConfig]] = {
     "window_attention": WindowAttention,
+    "kv_fp8": KVCacheFP8,
 }
 
 __all__ = ["STAGES", "StageConfig", "StageContext"]

@@ -1,0 +1,502 @@
+"""FP8 (e4m3) KV cache: calibration, cache, plain-forward round trip, accounting, export."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import (
+    AutoModelForCausalLM,
+    DynamicCache,
+    GptOssConfig,
+    GptOssForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+from transformers.models.gpt_oss.modeling_gpt_oss import apply_rotary_pos_emb
+
+from lmpress.compress import kv_cache as kc
+from lmpress.errors import LmpressError
+
+VOCAB, LAYERS, KV_HEADS, HEAD_DIM, WINDOW = 64, 4, 2, 16, 8
+FP8_BYTES_PER_TOKEN = LAYERS * 2 * KV_HEADS * HEAD_DIM  # 256: every layer, K and V, 1 byte each
+
+
+def tiny_gpt_oss(seed: int = 0) -> GptOssForCausalLM:
+    """4 layers alternating sliding (window 8) / full attention, GQA with 2 KV heads."""
+    config = GptOssConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=WINDOW,
+        max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        attn_implementation="eager",
+    )
+    torch.manual_seed(seed)
+    model = GptOssForCausalLM(config).eval()
+    with torch.no_grad():  # random init is ~0: give K/V and routing some spread
+        for layer in model.model.layers:
+            layer.mlp.router.weight.normal_(0, 0.5)
+            layer.self_attn.k_proj.weight.normal_(0, 0.3)
+            layer.self_attn.v_proj.weight.normal_(0, 0.3)
+    return model
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        attn_implementation="eager",
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def batches(n: int = 3, batch: int = 2, seq: int = 20, seed: int = 1) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, VOCAB, (batch, seq), generator=g)} for _ in range(n)]
+
+
+def right_padded(seed: int = 2) -> dict:
+    """Two rows: 20 real tokens, and 6 real tokens followed by 14 masked junk tokens."""
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def post_rope_kv(model, batch: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Brute force, outside lmpress: per layer, K after RoPE and V from the attention inputs."""
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured[module.layer_idx] = (kwargs["hidden_states"], kwargs["position_embeddings"])
+
+    attns = [layer.self_attn for layer in model.model.layers]
+    handles = [a.register_forward_pre_hook(grab, with_kwargs=True) for a in attns]
+    with torch.no_grad():
+        model(**batch, use_cache=False)
+    for h in handles:
+        h.remove()
+    out = []
+    with torch.no_grad():
+        for attn in attns:
+            hidden, (cos, sin) = captured[attn.layer_idx]
+            shape = (*hidden.shape[:-1], -1, attn.head_dim)
+            q = attn.q_proj(hidden).view(shape).transpose(1, 2)
+            k = attn.k_proj(hidden).view(shape).transpose(1, 2)
+            v = attn.v_proj(hidden).view(shape).transpose(1, 2)
+            _, k = apply_rotary_pos_emb(q, k, cos, sin)
+            out.append((k, v))  # [batch, kv_heads, seq, head_dim]
+    return out
+
+
+def brute_amax(x: torch.Tensor, mask: torch.Tensor | None, per_head: bool) -> torch.Tensor:
+    a = x.abs()
+    if mask is not None:
+        a = a * mask[:, None, :, None]
+    return a.amax(dim=(0, 2, 3)) if per_head else a.amax()
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_calibration_amax_equals_brute_force_post_rope_amax(per_head):
+    model = tiny_gpt_oss()
+    data = batches() + [right_padded()]
+    scales = kc.calibrate_kv_scales(model, data, per_head=per_head, progress=False)
+
+    expected_k = torch.zeros(LAYERS, KV_HEADS) if per_head else torch.zeros(LAYERS)
+    expected_v = expected_k.clone()
+    for batch in data:
+        mask = batch.get("attention_mask")
+        for i, (k, v) in enumerate(post_rope_kv(model, batch)):
+            expected_k[i] = torch.maximum(expected_k[i], brute_amax(k, mask, per_head))
+            expected_v[i] = torch.maximum(expected_v[i], brute_amax(v, mask, per_head))
+
+    assert torch.equal(scales.k_amax, expected_k)
+    assert torch.equal(scales.v_amax, expected_v)
+    assert torch.equal(scales.k_scale, expected_k / 448.0)
+    assert scales.per_head is per_head and scales.num_layers == LAYERS
+
+
+def test_calibration_ignores_padding():
+    model = tiny_gpt_oss()
+    padded = right_padded()
+    masked = kc.calibrate_kv_scales(model, [padded], progress=False)
+    unmasked = kc.calibrate_kv_scales(model, [{"input_ids": padded["input_ids"]}], progress=False)
+    real_only = kc.calibrate_kv_scales(
+        model,
+        [{"input_ids": padded["input_ids"][:1]}, {"input_ids": padded["input_ids"][1:, :6]}],
+        progress=False,
+    )
+    # (equal up to float rounding: batch shapes differ, so do the kernels' summation orders)
+    torch.testing.assert_close(masked.k_amax, real_only.k_amax, rtol=1e-5, atol=0)
+    torch.testing.assert_close(masked.v_amax, real_only.v_amax, rtol=1e-5, atol=0)
+    # the junk tokens would have raised some amax: the mask is what kept them out
+    assert bool((unmasked.k_amax > masked.k_amax).any() or (unmasked.v_amax > masked.v_amax).any())
+
+
+def test_left_padding_does_not_shift_rope_positions():
+    model = tiny_gpt_oss()
+    ids = batches(n=1, batch=1, seq=10)[0]["input_ids"]
+    left = {
+        "input_ids": torch.cat([torch.zeros(1, 5, dtype=torch.long), ids], dim=1),
+        "attention_mask": torch.cat([torch.zeros(1, 5), torch.ones(1, 10)], dim=1).long(),
+    }
+    a = kc.calibrate_kv_scales(model, [{"input_ids": ids}], progress=False)
+    b = kc.calibrate_kv_scales(model, [left], progress=False)
+    torch.testing.assert_close(b.k_amax, a.k_amax, rtol=1e-5, atol=0)
+    torch.testing.assert_close(b.v_amax, a.v_amax, rtol=1e-5, atol=0)
+
+
+# ----------------------------------------------------------------------------- quantization error
+
+
+def test_fp8_round_trip_error_within_e4m3_half_ulp():
+    model = tiny_gpt_oss()
+    data = batches()
+    scales = kc.calibrate_kv_scales(model, data, per_head=True, progress=False)
+    worst = 0.0
+    for i, (k, v) in enumerate(post_rope_kv(model, data[0])):
+        for x, scale in zip((k, v), scales.layer(i), strict=True):
+            deq = kc.fake_quantize_fp8(x, scale)
+            s = scale.view(1, -1, 1, 1)
+            # 3 mantissa bits: half an ulp is ≤ 2^-4 relative for normals; subnormal ulp 2^-9
+            bound = 2**-4 * x.abs() + 2**-10 * s
+            err = (deq - x).abs()
+            assert bool((err <= bound).all())
+            assert bool((x.abs() / s <= 448 * (1 + 1e-6)).all())  # calibrated: no saturation
+            worst = max(worst, float((err / bound).max()))
+    assert 0.3 < worst <= 1.0  # real rounding happened, and the bound is nearly tight
+
+
+def test_fp8_cache_stores_one_byte_values_that_dequantize_to_the_round_trip():
+    model = tiny_gpt_oss()
+    scales = kc.calibrate_kv_scales(model, batches(), progress=False)
+    prompt = batches(n=1, batch=1, seq=12, seed=5)[0]
+    cache = kc.make_fp8_cache(model, scales)
+    with torch.no_grad():
+        model(**prompt, cache=cache, use_cache=True)
+    # K/V of layer i depend on FP8 in layers < i: capture them from the FP8 plain forward
+    with kc.fp8_kv(model, scales):
+        captured = post_rope_kv(model, prompt)
+    for i, (k, v) in enumerate(captured):
+        layer = cache.layers[i]
+        assert layer.keys.dtype == layer.values.dtype == torch.float8_e4m3fn
+        kept = layer.keys.shape[-2]  # sliding layers keep the last window-1 tokens
+        assert kept == (WINDOW - 1 if i % 2 == 0 else 12)
+        k_scale, v_scale = scales.layer(i)
+        expect_k = kc.fake_quantize_fp8(k[..., -kept:, :], k_scale)
+        expect_v = kc.fake_quantize_fp8(v[..., -kept:, :], v_scale)
+        assert torch.equal(kc.dequantize_fp8(layer.keys, k_scale, torch.float32), expect_k)
+        assert torch.equal(kc.dequantize_fp8(layer.values, v_scale, torch.float32), expect_v)
+
+
+# ----------------------------------------------------------------------------- accounting
+
+
+def test_analytic_kv_bytes_fp8_is_half_bf16_and_quarter_fp32():
+    model = tiny_gpt_oss()
+    fp8 = kc.kv_bytes_per_token(model, torch.float8_e4m3fn)
+    assert fp8 == FP8_BYTES_PER_TOKEN == 256
+    assert kc.kv_bytes_per_token(model, torch.bfloat16) == 2 * fp8
+    assert kc.kv_bytes_per_token(model, torch.float32) == 4 * fp8
+    # 20 tokens: the two full layers hold 20, the two sliding layers their window of 8
+    per_layer_token = 2 * KV_HEADS * HEAD_DIM
+    assert kc.kv_bytes_at_context(model, 20, torch.float8_e4m3fn) == per_layer_token * (
+        20 + 20 + WINDOW + WINDOW
+    )
+    assert kc.kv_bytes_at_context(model, 5, torch.float8_e4m3fn) == 5 * fp8
+    assert kc.kv_bytes_at_context(model, 20, torch.bfloat16) == 2 * kc.kv_bytes_at_context(
+        model, 20, torch.float8_e4m3fn
+    )
+
+
+def test_measured_cache_bytes_fp8_is_half_bf16_and_quarter_fp32():
+    model = tiny_gpt_oss()
+    scales = kc.calibrate_kv_scales(model, batches(), progress=False)
+    prompt = batches(n=1, batch=1, seq=20, seed=6)[0]
+    bf16_model = copy.deepcopy(model).to(torch.bfloat16)
+    measured = {}
+    with torch.no_grad():
+        for name, m, cache in [
+            ("fp8", model, kc.make_fp8_cache(model, scales)),
+            ("bf16", bf16_model, DynamicCache(config=model.config)),
+            ("fp32", model, DynamicCache(config=model.config)),
+        ]:
+            m(**prompt, cache=cache, use_cache=True)
+            measured[name] = kc.cache_bytes(cache)
+    stored_tokens = 20 + 20 + (WINDOW - 1) + (WINDOW - 1)
+    assert measured["fp8"] == 2 * KV_HEADS * HEAD_DIM * stored_tokens == 3456
+    assert measured["bf16"] == 2 * measured["fp8"]
+    assert measured["fp32"] == 4 * measured["fp8"]
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def _teacher_forced_logits(model, ids: torch.Tensor, cache, prompt_len: int) -> torch.Tensor:
+    """Prefill `prompt_len` tokens, then feed the rest one at a time; logits of every step."""
+    steps = []
+    with torch.no_grad():
+        out = model(input_ids=ids[:, :prompt_len], cache=cache, use_cache=True)
+        steps.append(out.logits[:, -1])
+        for t in range(prompt_len, ids.shape[1]):
+            out = model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True)
+            steps.append(out.logits[:, -1])
+    return torch.stack(steps, dim=1)
+
+
+def test_fp8_cache_decoding_is_close_to_fp32_and_matches_plain_forward_fp8():
+    model = tiny_gpt_oss()
+    scales = kc.calibrate_kv_scales(model, batches(), progress=False)
+    ids = batches(n=1, batch=1, seq=26, seed=7)[0]["input_ids"]  # 26 tokens > window 8
+    fp8 = _teacher_forced_logits(model, ids, kc.make_fp8_cache(model, scales), prompt_len=5)
+    ref = _teacher_forced_logits(model, ids, DynamicCache(config=model.config), prompt_len=5)
+    with kc.fp8_kv(model, scales), torch.no_grad():
+        plain = model(input_ids=ids).logits[:, 4:]  # one forward, no cache
+
+    fp8_vs_ref = (fp8 - ref).abs().max().item()
+    fp8_vs_plain = (fp8 - plain).abs().max().item()
+    assert not torch.equal(fp8, ref)
+    assert 0 < fp8_vs_ref < 0.05 * ref.abs().max().item()  # close: FP8 costs a little
+    # the cache and the plain-forward round trip quantize the same values: they agree up to
+    # float summation order, also on sliding layers past the window
+    assert fp8_vs_plain < 1e-4 < fp8_vs_ref
+
+
+def test_generate_with_fp8_cache_past_the_window():
+    model = tiny_gpt_oss()
+    scales = kc.calibrate_kv_scales(model, batches(), progress=False)
+    prompt = batches(n=1, batch=2, seq=5, seed=8)[0]["input_ids"]
+    cache = kc.make_fp8_cache(model, scales)
+    with torch.no_grad():
+        out = model.generate(prompt, cache=cache, max_new_tokens=24, do_sample=False)
+        with kc.fp8_kv(model, scales):  # same FP8 values, stored in a float32 DynamicCache
+            out_plain = model.generate(prompt, max_new_tokens=24, do_sample=False)
+    assert out.shape == (2, 5 + 24)
+    assert torch.equal(out, out_plain)
+    stored = [layer.keys.shape[-2] for layer in cache.layers]
+    assert stored == [WINDOW - 1, 5 + 24 - 1, WINDOW - 1, 5 + 24 - 1]
+    assert all(layer.keys.dtype == torch.float8_e4m3fn for layer in cache.layers)
+
+
+def test_fp8_cache_drops_finished_rows_like_a_serving_loop():
+    """`batch_select_indices` (used by lmpress's serving loop) works on the 1-byte storage."""
+    model = tiny_gpt_oss()
+    scales = kc.calibrate_kv_scales(model, batches(), progress=False)
+    ids = batches(n=1, batch=2, seq=12, seed=12)[0]["input_ids"]
+    both, alone = kc.make_fp8_cache(model, scales), kc.make_fp8_cache(model, scales)
+    with torch.no_grad():
+        model(input_ids=ids[:, :11], cache=both, use_cache=True)
+        model(input_ids=ids[1:, :11], cache=alone, use_cache=True)
+        both.batch_select_indices(torch.tensor([1]))
+        assert all(layer.keys.dtype == torch.float8_e4m3fn for layer in both.layers)
+        step_both = model(input_ids=ids[1:, 11:], cache=both, use_cache=True).logits
+        step_alone = model(input_ids=ids[1:, 11:], cache=alone, use_cache=True).logits
+    torch.testing.assert_close(step_both, step_alone, rtol=1e-5, atol=1e-5)
+
+
+def test_per_layer_windows_of_a_puzzle_model():
+    """Two window sizes make the model a gpt_oss_puzzle model: accounting and cache follow."""
+    from lmpress.compress.attention import apply_windows
+
+    model = apply_windows(tiny_gpt_oss(), {0: 4, 3: 6})  # windows 4, full, 8, 6
+    assert [s.window for s in kc.kv_layout(model)] == [4, None, 8, 6]
+    assert kc.kv_bytes_at_context(model, 20, torch.float8_e4m3fn) == 2 * KV_HEADS * HEAD_DIM * (
+        4 + 20 + 8 + 6
+    )
+    scales = kc.calibrate_kv_scales(model, batches(), progress=False)
+    ids = batches(n=1, batch=1, seq=20, seed=7)[0]["input_ids"]
+    fp8 = _teacher_forced_logits(model, ids, kc.make_fp8_cache(model, scales), prompt_len=5)
+    with kc.fp8_kv(model, scales), torch.no_grad():
+        plain = model(input_ids=ids).logits[:, 4:]
+    assert (fp8 - plain).abs().max().item() < 1e-4
+
+
+# ----------------------------------------------------------------------------- enable / disable
+
+
+@pytest.mark.parametrize("build", [tiny_gpt_oss, tiny_llama])
+def test_enable_changes_outputs_and_disable_restores_them_exactly(build):
+    model = build()
+    scales = kc.calibrate_kv_scales(model, batches(), progress=False)
+    ids = batches(n=1, batch=2, seq=16, seed=9)[0]["input_ids"]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        kc.enable_fp8_kv(model, scales)
+        during = model(input_ids=ids).logits
+        kc.enable_fp8_kv(model, scales)  # enabling again replaces, does not stack
+        again = model(input_ids=ids).logits
+        kc.disable_fp8_kv(model)
+        after = model(input_ids=ids).logits
+    assert not torch.equal(before, during)
+    assert torch.equal(during, again)
+    assert torch.equal(before, after)
+    for _, attn in kc.attention_modules(model):
+        assert not hasattr(attn, "k_scale") and not attn._forward_pre_hooks
+    assert not kc.fp8_kv_enabled(model)
+
+
+def test_scales_travel_on_the_model_and_with_it_across_devices():
+    model = tiny_gpt_oss()
+    scales = kc.calibrate_kv_scales(model, batches(), per_head=True, progress=False)
+    kc.enable_fp8_kv(model, scales)
+    attn = model.model.layers[1].self_attn
+    assert torch.equal(attn.k_scale, scales.k_scale[1]) and attn.k_scale.dtype == torch.float32
+    assert "k_scale" not in {n.rsplit(".", 1)[-1] for n in model.state_dict()}  # not a weight
+    read = kc.kv_scales_of(model)
+    assert torch.equal(read.k_scale, scales.k_scale) and torch.equal(read.v_scale, scales.v_scale)
+    kc.disable_fp8_kv(model)
+
+
+def test_a_deep_copy_of_an_fp8_model_is_independent():
+    model = tiny_gpt_oss()
+    scales = kc.calibrate_kv_scales(model, batches(), progress=False)
+    ids = batches(n=1, batch=1, seq=12, seed=11)[0]["input_ids"]
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        kc.enable_fp8_kv(model, scales)
+        fp8 = model(input_ids=ids).logits
+        twin = copy.deepcopy(model)
+        for _, attn in kc.attention_modules(twin):
+            attn.k_scale.mul_(4)  # the twin's hooks must read the twin's buffers
+        assert not torch.equal(twin(input_ids=ids).logits, fp8)
+        assert torch.equal(model(input_ids=ids).logits, fp8)
+        kc.disable_fp8_kv(twin)
+        assert torch.equal(twin(input_ids=ids).logits, plain)
+        assert torch.equal(model(input_ids=ids).logits, fp8)  # the original keeps FP8
+    kc.disable_fp8_kv(model)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def test_export_entries_per_tensor_layout():
+    model = tiny_gpt_oss()
+    scales = kc.calibrate_kv_scales(model, batches(), progress=False)
+    kc.enable_fp8_kv(model, scales)
+    tensors, config = kc.kv_export_entries(model)
+    assert sorted(tensors) == sorted(
+        f"model.layers.{i}.self_attn.{kv}_scale" for i in range(LAYERS) for kv in "kv"
+    )
+    for i in range(LAYERS):
+        k = tensors[f"model.layers.{i}.self_attn.k_scale"]
+        assert k.shape == (1,) and k.dtype == torch.float32
+        assert k.item() == scales.k_scale[i].item()
+    assert config["quant_method"] == "compressed-tensors"
+    assert config["kv_cache_scheme"] == {
+        "num_bits": 8,
+        "type": "float",
+        "strategy": "tensor",
+        "dynamic": False,
+        "symmetric": True,
+        "observer": "static_minmax",
+    }
+    assert kc.kv_export_entries(scales)[0].keys() == tensors.keys()  # same names from scales
+    kc.disable_fp8_kv(model)
+
+
+def test_export_entries_per_head_layout_and_reduction():
+    model = tiny_gpt_oss()
+    per_head = kc.calibrate_kv_scales(model, batches(), per_head=True, progress=False)
+    per_tensor = kc.calibrate_kv_scales(model, batches(), progress=False)
+    tensors, config = kc.kv_export_entries(per_head)
+    assert config["kv_cache_scheme"]["strategy"] == "attn_head"
+    assert tensors["model.layers.0.self_attn.v_scale"].shape == (KV_HEADS, 1, 1)
+    reduced, reduced_config = kc.kv_export_entries(per_head, per_head=False)
+    assert reduced_config["kv_cache_scheme"]["strategy"] == "tensor"
+    flat, _ = kc.kv_export_entries(per_tensor)
+    assert all(torch.equal(reduced[n], flat[n]) for n in flat)  # max of heads = per-tensor
+    with pytest.raises(LmpressError, match="per_head"):
+        kc.kv_export_entries(per_tensor, per_head=True)
+
+
+def _write_checkpoint(model, path, config_key: str) -> None:
+    """What export.py is to do: the model, plus the scale tensors and the config dict."""
+    tensors, quant = kc.kv_export_entries(model)
+    model.save_pretrained(path)
+    weights = load_file(path / "model.safetensors")
+    save_file({**weights, **tensors}, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config[config_key] = quant
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_exported_layout_reloads_in_plain_transformers_and_round_trips_scales(tmp_path):
+    model = tiny_gpt_oss()
+    scales = kc.calibrate_kv_scales(model, batches(), progress=False)
+    kc.enable_fp8_kv(model, scales)
+    _write_checkpoint(model, tmp_path, kc.KV_CONFIG_KEY)
+    kc.disable_fp8_kv(model)
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = batches(n=1, batch=1, seq=12, seed=10)[0]["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    back = kc.kv_scales_from_checkpoint(tmp_path)
+    assert torch.equal(back.k_scale, scales.k_scale) and torch.equal(back.v_scale, scales.v_scale)
+    # the scales re-enable FP8 on the reloaded model: same outputs as the calibrated original
+    with kc.fp8_kv(reloaded, back), kc.fp8_kv(model, scales), torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("compressed_tensors") is not None,
+    reason="only meaningful where compressed-tensors is not installed",
+)
+def test_quantization_config_key_would_need_compressed_tensors(tmp_path):
+    """Why the dict goes under `compression_config`: under `quantization_config` it breaks loads."""
+    model = tiny_gpt_oss()
+    kc.enable_fp8_kv(model, kc.calibrate_kv_scales(model, batches(), progress=False))
+    _write_checkpoint(model, tmp_path, "quantization_config")
+    with pytest.raises(ImportError, match="compressed-tensors"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+def test_bad_inputs_raise_lmpress_error():
+    model = tiny_gpt_oss()
+    good = kc.calibrate_kv_scales(model, batches(), progress=False)
+    three = kc.KVScales(good.k_scale[:3], good.v_scale[:3])
+    with pytest.raises(LmpressError, match="3 layers given, model has 4"):
+        kc.enable_fp8_kv(model, three)
+    with pytest.raises(LmpressError, match="3 layers given"):
+        kc.make_fp8_cache(model, three)
+    with pytest.raises(LmpressError, match="calibration"):
+        kc.calibrate_kv_scales(model, [], progress=False)
+    all_pad = {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.zeros(2, 4)}
+    with pytest.raises(LmpressError, match="calibration"):
+        kc.calibrate_kv_scales(model, [all_pad], progress=False)
+    zero = kc.KVScales(torch.zeros(LAYERS), good.v_scale)
+    with pytest.raises(LmpressError, match="k_scale"):
+        kc.enable_fp8_kv(model, zero)
+    wrong_heads = kc.KVScales(torch.ones(LAYERS, 3), torch.ones(LAYERS, 3))
+    with pytest.raises(LmpressError, match="heads"):
+        kc.enable_fp8_kv(model, wrong_heads)
+    with pytest.raises(LmpressError, match="not enabled"):
+        kc.kv_export_entries(model)
+    with pytest.raises(LmpressError, match="not enabled"):
+        kc.make_fp8_cache(model)
+    assert not kc.fp8_kv_enabled(model)  # a refused enable leaves nothing behind
