@@ -190,7 +190,11 @@ def test_extra_tensors_and_config_entries_round_trip(tokenizer, tmp_path):
         "kv_cache_scheme": {"num_bits": 8, "type": "float"},
     }
     ckpt = save_checkpoint(
-        model, tokenizer, tmp_path / "ckpt", extra_tensors=scales, config_extra={"compression_config": quant}
+        model,
+        tokenizer,
+        tmp_path / "ckpt",
+        extra_tensors=scales,
+        config_extra={"compression_config": quant},
     )
     stored = {}
     for shard in ckpt.glob("*.safetensors"):

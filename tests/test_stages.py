@@ -81,3 +81,73 @@ def test_kv_fp8_stage_halves_kv_bytes_and_survives_export(tokenizer, tmp_path):
     torch.testing.assert_close(kv_scales_of(reloaded).k_scale, kv_scales_of(out.model).k_scale)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, fp8, atol=1e-5, rtol=0)
+
+
+def test_prune_experts_stage_uniform_count(tokenizer, tmp_path):
+    from lmpress.compress.experts import expert_counts
+
+    model = tiny_gpt_oss(tokenizer)  # 4 experts, top-2, 2 layers
+    stage, errs = parse_stage(0, {"stage": "prune_experts", "keep_experts": 3})
+    assert not errs
+    c = ctx(tmp_path, calibration(tokenizer))
+    out = stage.apply(Bundle(model, tokenizer), c)
+    assert expert_counts(out.model) == {0: 3, 1: 3}
+    assert out.model.config.num_local_experts == 3
+    per_expert = (
+        sum(
+            t[0].numel() * t.element_size()
+            for t in (
+                model.model.layers[0].mlp.experts.gate_up_proj,
+                model.model.layers[0].mlp.experts.gate_up_proj_bias,
+                model.model.layers[0].mlp.experts.down_proj,
+                model.model.layers[0].mlp.experts.down_proj_bias,
+            )
+        )
+        + model.model.layers[0].mlp.router.weight[0].numel() * 4
+        + 4
+    )
+    assert c.summary["weight_bytes_before"] - c.summary["weight_bytes_after"] == 2 * per_expert
+    assert (tmp_path / "expert_stats.pt").is_file()
+
+
+def test_prune_experts_stage_keep_ratio_is_heterogeneous_and_exports_puzzle(tokenizer, tmp_path):
+    import json
+
+    from lmpress.export import save_checkpoint
+
+    model = tiny_gpt_oss(tokenizer, num_local_experts=8, num_hidden_layers=3)
+    with torch.no_grad():  # make layer 0's routing peaked: few experts matter there
+        model.model.layers[0].mlp.router.bias.copy_(torch.tensor([9.0, 8, 0, 0, 0, 0, 0, 0]))
+    stage, _ = parse_stage(0, {"stage": "prune_experts", "keep_ratio": 0.5, "score": "frequency"})
+    c = ctx(tmp_path, calibration(tokenizer))
+    out = stage.apply(Bundle(model, tokenizer), c)
+    counts = c.summary["experts_per_layer"]
+    assert sum(counts) == 12 and len(set(counts)) > 1 and counts[0] == 2
+    save_checkpoint(out.model, tokenizer, tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["model_type"] == "gpt_oss_puzzle"
+    assert [b["num_local_experts"] for b in config["block_configs"]] == counts
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        ({}, "stages[0]: give exactly one of keep_experts and keep_ratio"),
+        ({"keep_experts": 2, "keep_ratio": 0.5}, "stages[0]: give exactly one"),
+        ({"keep_experts": 0}, "stages[0]: keep_experts: must be ≥ 1"),
+        ({"keep_ratio": 1.5}, "stages[0].keep_ratio: must be ≤ 1"),
+        ({"keep_ratio": 0.5, "score": "vibes"}, "stages[0].score: must be one of"),
+    ],
+)
+def test_prune_experts_options_validated(options, expected):
+    _, errs = parse_stage(0, {"stage": "prune_experts", **options})
+    assert any(e.startswith(expected) for e in errs), errs
+
+
+def test_prune_experts_too_few_kept_names_the_field(tokenizer, tmp_path):
+    stage, _ = parse_stage(0, {"stage": "prune_experts", "keep_experts": 1})  # top-k is 2
+    with pytest.raises(LmpressError) as e:
+        stage.apply(
+            Bundle(tiny_gpt_oss(tokenizer), tokenizer), ctx(tmp_path, calibration(tokenizer))
+        )
+    assert e.value.problems[0].startswith("keep_experts[0]: must be ≥ top_k (2)")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from lmpress.stages.base import StageConfig, StageContext
 from lmpress.stages.kv_fp8 import KVCacheFP8
+from lmpress.stages.prune_experts import PruneExperts
 from lmpress.stages.window_attention import WindowAttention
 
 STAGES: dict[str, type[StageConfig]] = {
+    "prune_experts": PruneExperts,
     "window_attention": WindowAttention,
     "kv_fp8": KVCacheFP8,
 }

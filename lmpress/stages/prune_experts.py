@@ -1,0 +1,92 @@
+"""Stage `prune_experts`: rank experts on calibration text, keep k_l per layer, slice for real."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from lmpress.bundle import Bundle
+from lmpress.compress.experts import (
+    allocate_keep_counts,
+    collect_expert_stats,
+    expert_scores,
+    prune_experts,
+    select_experts,
+    weight_bytes,
+)
+from lmpress.errors import LmpressError
+from lmpress.models.adapters import adapter_for
+from lmpress.stages.base import StageConfig, StageContext
+
+
+class PruneExperts(StageConfig):
+    """Heterogeneous MoE expert pruning (Puzzle for GPT-OSS; REAP; ModelOpt's ranked choice).
+
+    Give either `keep_experts` (one count for every MoE layer, or a list with one per layer)
+    or `keep_ratio` (a share of all experts, allocated across layers by importance, so layers
+    keep different counts; `multiple_of` rounds each to the expert-parallel size).
+    """
+
+    stage: Literal["prune_experts"] = "prune_experts"
+    score: Literal["frequency", "router_mass", "reap", "ranked_choice"] = Field(
+        "reap", description="expert importance: REAP = mean over routed tokens of gate·‖out‖"
+    )
+    keep_experts: int | list[int] | None = Field(None, description="experts kept per MoE layer")
+    keep_ratio: float | None = Field(None, gt=0, le=1, description="share of experts kept")
+    min_keep: int = Field(1, ge=1, description="floor per layer with keep_ratio (≥ top_k anyway)")
+    multiple_of: int = Field(1, ge=1, description="expert-parallel size each count must divide")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> PruneExperts:
+        if (self.keep_experts is None) == (self.keep_ratio is None):
+            raise ValueError("give exactly one of keep_experts and keep_ratio")
+        counts = [self.keep_experts] if isinstance(self.keep_experts, int) else self.keep_experts
+        if any(c < 1 for c in counts or []):
+            raise ValueError("keep_experts: must be ≥ 1")
+        return self
+
+    def apply(self, bundle: Bundle, ctx: StageContext) -> Bundle:
+        model = bundle.model
+        adapter = adapter_for(model)
+        batches = ctx.calibration_batches(bundle.tokenizer)
+        stats = collect_expert_stats(model, batches, adapter, reap=self.score == "reap")
+        ctx.work_dir.mkdir(parents=True, exist_ok=True)
+        _save_stats(stats.state_dict(), ctx.work_dir / "expert_stats.pt")
+        scores = expert_scores(stats, self.score)
+        counts = self._keep_counts(scores, {i: s.top_k for i, s in stats.layers.items()})
+        before = weight_bytes(model)
+        keep = select_experts(scores, counts)
+        final = prune_experts(model, keep, adapter)
+        ctx.summary.update(
+            score=self.score,
+            experts_per_layer=[final[i] for i in sorted(final)],
+            kept={str(i): idx.tolist() for i, idx in keep.items()},
+            weight_bytes_before=before,
+            weight_bytes_after=weight_bytes(model),
+        )
+        return bundle
+
+    def _keep_counts(self, scores: dict, top_k: dict[int, int]) -> dict[int, int]:
+        layers = sorted(scores)
+        if self.keep_ratio is not None:
+            return allocate_keep_counts(
+                scores, self.keep_ratio, self.min_keep, self.multiple_of, top_k=top_k
+            )
+        if isinstance(self.keep_experts, int):
+            return {i: self.keep_experts for i in layers}
+        if len(self.keep_experts) != len(layers):
+            raise LmpressError(
+                f"keep_experts: {len(self.keep_experts)} counts given, "
+                f"the model has {len(layers)} MoE layers"
+            )
+        return dict(zip(layers, self.keep_experts, strict=True))
+
+
+def _save_stats(state: dict, path) -> None:
+    """Keep the calibration statistics for later stages (puzzle search) and for inspection."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
