@@ -82,7 +82,7 @@ def validate(recipe: Annotated[Path, typer.Argument(help="recipe YAML file")]) -
 
 @app.command("eval")
 def eval_cmd(
-    model: Annotated[str, typer.Argument(help="checkpoint directory, or demo:<name>")],
+    model: Annotated[str, typer.Argument(help="checkpoint directory, or demo[:<name>]")],
     tasks: Annotated[
         str, typer.Option(help="comma-separated lm-eval task names")
     ] = "stdlib_bpb,stdlib_mc",
@@ -139,7 +139,7 @@ def _load(
 
 @app.command()
 def bench(
-    model: Annotated[str, typer.Argument(help="checkpoint directory, or demo:<name>")],
+    model: Annotated[str, typer.Argument(help="checkpoint directory, or demo[:<name>]")],
     vs: Annotated[str | None, typer.Option(help="second model: print its ratios to MODEL")] = None,
     requests: Annotated[int, typer.Option(help="requests per run")] = 16,
     concurrency: Annotated[int, typer.Option(help="requests served at once")] = 4,
@@ -229,6 +229,9 @@ def _write_json(path: Path | None, data) -> None:
 
 
 def _model_dir(model: str, quiet: bool) -> Path:
+    """A checkpoint directory; `demo:<name>` (or just `demo`) is an embedded demo parent."""
+    if model == "demo":
+        model = "demo:gpt-oss-moe"
     if model.startswith("demo:"):
         from lmpress.demo.build import ensure_demo_parent
 

@@ -147,3 +147,12 @@ def test_efficiency_frontier_recorded_for_parent_and_stages(tiny_checkpoint, tmp
         p["relative_request_rate"] for p in m["stages"][0]["metrics"]["efficiency"]["frontier"]
     ]
     assert all(r > 0 for r in rates)
+
+
+def test_line_requests_keep_their_final_newline():
+    from lmpress.evaluate.requests import line_requests
+
+    prompts, refs = line_requests(8, seed=0)
+    assert len(prompts) == len(refs) == 8
+    assert all(p.rstrip(" ").endswith("\n") for p in prompts)
+    assert all(r.endswith("\n") and r.strip() for r in refs)

@@ -16,8 +16,8 @@ class DemoSpec:
     family: str
     vocab_size: int
     model: dict = field(default_factory=dict)
-    seq_len: int = 512
-    batch_size: int = 8
+    seq_len: int = 256
+    batch_size: int = 16
     steps: int = 600
     lr: float = 3e-3
     warmup_steps: int = 40

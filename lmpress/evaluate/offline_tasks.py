@@ -5,6 +5,9 @@ Two tasks, defined as lm-eval YAML in `lmpress/evaluate/tasks/`:
   tokenizers because it divides by bytes, not tokens.
 - `stdlib_mc` (multiple_choice): pick the true next line of a held-out passage among
   distractor lines with the same indentation taken from other held-out documents.
+  The shared indentation, all but its last space, ends the context: byte-level BPE
+  pre-tokenizes "\n" + indentation as one token and the last space with the next word, so
+  cutting there gives the model the token boundary it saw in training.
 
 The documents come from the validation side of the same document-level split the demo parent
 is trained on, so no task text was seen in training. Data are written once per corpus version
@@ -25,7 +28,7 @@ from lmpress.data.corpus import Document, split_documents, stdlib_documents
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 OFFLINE_TASKS = ("stdlib_bpb", "stdlib_mc")
-DATA_VERSION = 1
+DATA_VERSION = 2
 VAL_FRACTION = 0.1
 PASSAGE_CHARS = 1500
 NUM_PASSAGES = 200
@@ -114,11 +117,12 @@ def mc_items(docs: list[Document], seed: int = 0) -> list[dict]:
             continue
         choices = [answer, *rng.sample(sorted(distractors), MC_CHOICES - 1)]
         rng.shuffle(choices)
+        cut = max(len(_indent(answer)) - 1, 0)
         items.append(
             {
                 "id": f"{doc_id}@{offset}",
-                "context": context,
-                "choices": choices,
+                "context": context + answer[:cut],
+                "choices": [c[cut:] for c in choices],
                 "label": choices.index(answer),
             }
         )

@@ -23,9 +23,11 @@ def line_requests(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """`n` held-out prompts of spread lengths and, for each, the true next line."""
     items = load_task_docs("stdlib_mc")
     answer = {it["context"][-PROMPT_CHARS:]: it["choices"][it["label"]] for it in items}
-    prompts = eff.spread_prompts(list(answer), n, seed=seed)
-    by_stripped = {k.strip(): v for k, v in answer.items()}
-    return prompts, [by_stripped[p] for p in prompts]
+    # spread_prompts strips whitespace; the prompt must keep its end (newline + indentation),
+    # or the first token the model writes ends the line, and the request, at once.
+    original = {k.strip(): k for k in answer}
+    prompts = [original[p] for p in eff.spread_prompts(list(answer), n, seed=seed)]
+    return prompts, [answer[p] for p in prompts]
 
 
 def newline_stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
