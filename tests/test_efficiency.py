@@ -232,7 +232,7 @@ def test_compare_model_with_itself(gpt_oss, tok, prompts):
     assert c.ratios["weight_bytes"].mean == 1.0 and c.ratios["kv_peak_bytes"].mean == 1.0
     assert c.a.output_ids == c.b.output_ids
     table = eff.format_comparison(c)
-    assert "request_efficiency" in table and "c/p" in table
+    assert "request_efficiency" in table and "A = p" in table and "B = c" in table
     json.dumps(c.to_dict(), allow_nan=False)
 
 

@@ -687,9 +687,8 @@ MEMORY_REPORTED = ("weight_bytes", "kv_bytes_per_token", "kv_peak_bytes", "cuda_
 
 def format_comparison(c: Comparison) -> str:
     """A plain-text table: each metric for A and B (mean ± std) and B/A (mean [min, max])."""
-    la, lb = c.labels
-    head = f"{'metric':<24}{la:>20}{lb:>20}{lb + '/' + la:>28}  better"
-    lines = [head, "-" * len(head)]
+    head = f"{'metric':<24}{'A':>20}{'B':>20}{'B/A [min, max]':>28}  better"
+    lines = [f"A = {c.labels[0]}", f"B = {c.labels[1]}", head, "-" * len(head)]
     for k in REPORTED:
         a, b, r = c.a.metrics[k], c.b.metrics[k], c.ratios[k]
         lines.append(
