@@ -14,12 +14,28 @@ def _metric(metrics: dict | None, task: str, name: str) -> str:
     return "–" if value is None else f"{value:.4f}"
 
 
+def _serving(metrics: dict | None) -> list[str]:
+    """Headline effort: requests/s, tokens a request generated, rate relative to the parent."""
+    eff = (metrics or {}).get("efficiency")
+    if not eff:
+        return ["–"] * 4
+    point = eff["frontier"][-1]
+    rel = point.get("relative_request_rate")
+    return [
+        f"{point['request_efficiency']:.2f}",
+        f"{point['mean_generated_tokens']:.1f}",
+        "1 (parent)" if rel is None else f"{rel:.3f}",
+        f"{eff['memory']['kv_bytes_per_token']:,}",
+    ]
+
+
 def _row(label: str, seconds: float | None, metrics: dict | None, extra: list[str]) -> str:
     size = (metrics or {}).get("size", {})
     cells = [
         label,
         "–" if seconds is None else f"{seconds:.1f}",
         *extra,
+        *_serving(metrics),
         f"{size['parameters'] / 1e6:.3f}" if size else "–",
         f"{size['weight_bytes'] / 2**20:.2f}" if size else "–",
     ]
@@ -37,6 +53,10 @@ def render(manifest: dict) -> str:
         "seconds",
         *[c[2] for c in columns],
         *[o[2] for o in others],
+        "req/s ↑",
+        "tokens/request",
+        "relative request rate ↑",
+        "KV bytes/token",
         "params (M)",
         "weights (MiB)",
     ]
@@ -52,6 +72,16 @@ def render(manifest: dict) -> str:
         extra = [_metric(metrics, t, m) for t, m, _ in columns]
         extra += [_first_metric(metrics, t) for t, _, _ in others]
         lines.append(_row(label, seconds, metrics, extra))
+    eff = (manifest.get("parent", {}).get("metrics") or {}).get("efficiency")
+    if eff:
+        w = eff["workload"]
+        lines += [
+            "",
+            f"Serving: {w['num_prompts']} held-out next-line requests at concurrency "
+            f"{w['concurrency']}, budget {w['max_new_tokens']} tokens (the headline effort), "
+            f"{w['repeats']} timed repeats; relative request rate = requests/s over the "
+            "parent's at the same effort. Per-effort frontiers are in manifest.json.",
+        ]
     build = manifest.get("parent", {}).get("demo_build")
     if build:
         lines += [
