@@ -86,6 +86,11 @@ class Pipeline:
     def _load_manifest(self, fresh: bool) -> dict:
         path = self.run_dir / MANIFEST
         if fresh and self.run_dir.exists():
+            if not path.is_file() and any(self.run_dir.iterdir()):
+                raise LmpressError(
+                    f"output_dir: {self.run_dir} is not empty and holds no lmpress run "
+                    "(manifest.json); --fresh deletes run directories only"
+                )
             shutil.rmtree(self.run_dir)
         if path.is_file():
             try:

@@ -156,3 +156,14 @@ def test_line_requests_keep_their_final_newline():
     assert len(prompts) == len(refs) == 8
     assert all(p.rstrip(" ").endswith("\n") for p in prompts)
     assert all(r.endswith("\n") and r.strip() for r in refs)
+
+
+def test_fresh_refuses_to_delete_a_directory_that_is_not_a_run(tiny_checkpoint, tmp_path):
+    from lmpress.errors import LmpressError
+
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    with pytest.raises(LmpressError, match="holds no lmpress run"):
+        run(recipe(tiny_checkpoint, precious, []), fresh=True)
+    assert (precious / "thesis.tex").read_text() == "years of work"
