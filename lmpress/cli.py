@@ -194,8 +194,14 @@ def bench(
     m_b, tok_b = _load(vs, device, dtype, trust_remote_code, quiet, "--vs")
     workload, _ = workload_for(m_a, tok_a, cfg, seed)
     comparison = eff.compare(
-        m_a, m_b, tok_a, workload, tokenizer_b=tok_b, labels=(model, vs),
-        cache_factory_a=cache_factory_for(m_a), cache_factory_b=cache_factory_for(m_b),
+        m_a,
+        m_b,
+        tok_a,
+        workload,
+        tokenizer_b=tok_b,
+        labels=(model, vs),
+        cache_factory_a=cache_factory_for(m_a),
+        cache_factory_b=cache_factory_for(m_b),
     )
     typer.echo(eff.format_comparison(comparison))
     fronts = {model: score_efficiency(m_a, tok_a, cfg, seed)["frontier"]}

@@ -1,8 +1,6 @@
-"""Device choice and synchronised timing, right for CUDA as well as the CPU."""
+"""Device choice, right for CUDA as well as the CPU (timing lives with the benchmark)."""
 
 from __future__ import annotations
-
-import time
 
 import torch
 
@@ -22,17 +20,6 @@ def resolve_device(spec: str, field: str = "device") -> torch.device:
                 f"{field}: '{spec}' asked for, but only {torch.cuda.device_count()} GPU(s) exist"
             )
     return device
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued kernels so a wall-clock reading covers the work, not just its launch."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(device: torch.device) -> float:
-    synchronize(device)
-    return time.perf_counter()
 
 
 def describe(device: torch.device) -> dict:

@@ -145,10 +145,6 @@ class Recipe(Strict):
             raise ValueError("must be auto, cpu, cuda or cuda:N")
         return v
 
-    @property
-    def stage_configs(self) -> list[StageConfig]:
-        return self.stages
-
     def score_hash(self) -> str:
         """Changes when anything that the scores depend on (besides the model) changes."""
         blob = json.dumps(

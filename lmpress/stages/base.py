@@ -34,10 +34,6 @@ class StageConfig(BaseModel):
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-    def check(self, model_config: Any) -> list[str]:
-        """Problems that show only against the model (e.g. more experts than it has)."""
-        return []
-
     def apply(self, bundle: Bundle, ctx: StageContext) -> Bundle:  # pragma: no cover
         raise NotImplementedError
 
