@@ -1,14 +1,20 @@
-"""FP8 (e4m3) KV cache: calibration, cache, plain-forward round trip, accounting, export."""
+"""FP8 (e4m3) KV cache: calibration, cache, plain-forward round trip, accounting, export.
+
+Family-dependent behaviour (where K is normed, which layers slide, what the checkpoint holds) is
+checked on tiny GPT-OSS, Qwen3-MoE, Mixtral and OLMoE models; the rest on GPT-OSS alone.
+"""
 
 from __future__ import annotations
 
 import copy
+import importlib
 import importlib.util
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_models import tiny_moe
 from transformers import (
     AutoModelForCausalLM,
     DynamicCache,
@@ -17,19 +23,30 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
 )
-from transformers.models.gpt_oss.modeling_gpt_oss import apply_rotary_pos_emb
 
 from lmpress.compress import kv_cache as kc
+from lmpress.compress.attention import apply_windows
 from lmpress.errors import LmpressError
+from lmpress.export import save_checkpoint
+from lmpress.load import load_checkpoint
+from lmpress.models.adapters import adapter_for
 
 VOCAB, LAYERS, KV_HEADS, HEAD_DIM, WINDOW = 64, 4, 2, 16, 8
 FP8_BYTES_PER_TOKEN = LAYERS * 2 * KV_HEADS * HEAD_DIM  # 256: every layer, K and V, 1 byte each
+FAMILIES = ("gpt_oss", "qwen3_moe", "mixtral", "olmoe")
+# window of each layer of `tiny_model(family)`, None = full attention
+WINDOWS = {
+    "gpt_oss": [WINDOW, None, WINDOW, None],  # the stock alternation
+    "qwen3_moe": [WINDOW] * LAYERS,  # swapped in by `apply_windows` (attention modules hold it)
+    "mixtral": [WINDOW] * LAYERS,  # from the config's one `sliding_window`
+    "olmoe": [None] * LAYERS,
+}
 
 
-def tiny_gpt_oss(seed: int = 0) -> GptOssForCausalLM:
+def tiny_gpt_oss(seed: int = 0, **overrides) -> GptOssForCausalLM:
     """4 layers alternating sliding (window 8) / full attention, GQA with 2 KV heads."""
     config = GptOssConfig(
-        vocab_size=VOCAB,
+        vocab_size=overrides.pop("vocab_size", VOCAB),
         hidden_size=32,
         intermediate_size=32,
         num_hidden_layers=LAYERS,
@@ -42,6 +59,7 @@ def tiny_gpt_oss(seed: int = 0) -> GptOssForCausalLM:
         max_position_embeddings=256,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         attn_implementation="eager",
+        **overrides,
     )
     torch.manual_seed(seed)
     model = GptOssForCausalLM(config).eval()
@@ -69,6 +87,42 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
+def tiny_model(family: str = "gpt_oss", seed: int = 0, **overrides) -> torch.nn.Module:
+    """Every family with 4 layers of 2 KV heads × 16 dims, windows as in `WINDOWS`."""
+    if family == "gpt_oss":
+        return tiny_gpt_oss(seed, **overrides)
+    if family == "llama":
+        return tiny_llama(seed)
+    heads = dict(num_attention_heads=4, head_dim=HEAD_DIM)
+    if family == "olmoe":  # head_dim is hidden_size / heads there
+        heads = dict(num_attention_heads=KV_HEADS)
+    if family == "mixtral":
+        overrides = dict(sliding_window=WINDOW, **overrides)
+    model = tiny_moe(
+        family,
+        seed,
+        **heads,
+        num_hidden_layers=LAYERS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=256,
+        eos_token_id=None,  # random models must not stop generating early
+        **overrides,
+    )
+    adapter = adapter_for(model)
+    with torch.no_grad():
+        for layer in model.model.layers:  # random init is ~0: give K/V some spread
+            layer.self_attn.k_proj.weight.normal_(0, 0.3)
+            layer.self_attn.v_proj.weight.normal_(0, 0.3)
+        for moe in adapter.moe_layers(model).values():
+            # experts back at the usual init scale: with tiny_moe's 0.2 this 32-wide network
+            # amplifies any perturbation (FP8 K/V included) to half the size of its logits
+            for tensor in adapter.expert_tensors(moe).values():
+                tensor.normal_(0, 0.02)
+    if family == "qwen3_moe":
+        model = apply_windows(model, dict.fromkeys(range(LAYERS), WINDOW))
+    return model
+
+
 def batches(n: int = 3, batch: int = 2, seq: int = 20, seed: int = 1) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     return [{"input_ids": torch.randint(0, VOCAB, (batch, seq), generator=g)} for _ in range(n)]
@@ -83,12 +137,18 @@ def right_padded(seed: int = 2) -> dict:
 
 
 def post_rope_kv(model, batch: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Brute force, outside lmpress: per layer, K after RoPE and V from the attention inputs."""
+    """Brute force, outside lmpress: per layer, K after RoPE and V from the attention inputs.
+
+    Where K is normed differs by family, so it is written out here: Qwen3-MoE RMS-normalises each
+    head, OLMoE all KV heads together before the head split; both before RoPE.
+    """
     captured = {}
 
     def grab(module, args, kwargs):
         captured[module.layer_idx] = (kwargs["hidden_states"], kwargs["position_embeddings"])
 
+    family = model.config.model_type
+    rope = importlib.import_module(type(model).__module__).apply_rotary_pos_emb
     attns = [layer.self_attn for layer in model.model.layers]
     handles = [a.register_forward_pre_hook(grab, with_kwargs=True) for a in attns]
     with torch.no_grad():
@@ -101,10 +161,14 @@ def post_rope_kv(model, batch: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
             hidden, (cos, sin) = captured[attn.layer_idx]
             shape = (*hidden.shape[:-1], -1, attn.head_dim)
             q = attn.q_proj(hidden).view(shape).transpose(1, 2)
-            k = attn.k_proj(hidden).view(shape).transpose(1, 2)
-            v = attn.v_proj(hidden).view(shape).transpose(1, 2)
-            _, k = apply_rotary_pos_emb(q, k, cos, sin)
-            out.append((k, v))  # [batch, kv_heads, seq, head_dim]
+            k, v = attn.k_proj(hidden), attn.v_proj(hidden)
+            if family == "olmoe":
+                k = attn.k_norm(k)  # [batch, seq, kv_heads * head_dim]
+            k, v = k.view(shape), v.view(shape)
+            if family == "qwen3_moe":
+                k = attn.k_norm(k)  # [batch, seq, kv_heads, head_dim]
+            _, k = rope(q, k.transpose(1, 2), cos, sin)
+            out.append((k, v.transpose(1, 2)))  # [batch, kv_heads, seq, head_dim]
     return out
 
 
@@ -118,9 +182,10 @@ def brute_amax(x: torch.Tensor, mask: torch.Tensor | None, per_head: bool) -> to
 # ----------------------------------------------------------------------------- calibration
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("per_head", [False, True])
-def test_calibration_amax_equals_brute_force_post_rope_amax(per_head):
-    model = tiny_gpt_oss()
+def test_calibration_amax_equals_brute_force_post_rope_amax(per_head, family):
+    model = tiny_model(family)
     data = batches() + [right_padded()]
     scales = kc.calibrate_kv_scales(model, data, per_head=per_head, progress=False)
 
@@ -171,8 +236,9 @@ def test_left_padding_does_not_shift_rope_positions():
 # ----------------------------------------------------------------------------- quantization error
 
 
-def test_fp8_round_trip_error_within_e4m3_half_ulp():
-    model = tiny_gpt_oss()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fp8_round_trip_error_within_e4m3_half_ulp(family):
+    model = tiny_model(family)
     data = batches()
     scales = kc.calibrate_kv_scales(model, data, per_head=True, progress=False)
     worst = 0.0
@@ -189,8 +255,9 @@ def test_fp8_round_trip_error_within_e4m3_half_ulp():
     assert 0.3 < worst <= 1.0  # real rounding happened, and the bound is nearly tight
 
 
-def test_fp8_cache_stores_one_byte_values_that_dequantize_to_the_round_trip():
-    model = tiny_gpt_oss()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fp8_cache_stores_one_byte_values_that_dequantize_to_the_round_trip(family):
+    model = tiny_model(family)
     scales = kc.calibrate_kv_scales(model, batches(), progress=False)
     prompt = batches(n=1, batch=1, seq=12, seed=5)[0]
     cache = kc.make_fp8_cache(model, scales)
@@ -203,7 +270,8 @@ def test_fp8_cache_stores_one_byte_values_that_dequantize_to_the_round_trip():
         layer = cache.layers[i]
         assert layer.keys.dtype == layer.values.dtype == torch.float8_e4m3fn
         kept = layer.keys.shape[-2]  # sliding layers keep the last window-1 tokens
-        assert kept == (WINDOW - 1 if i % 2 == 0 else 12)
+        window = WINDOWS[family][i]
+        assert kept == (12 if window is None else window - 1)
         k_scale, v_scale = scales.layer(i)
         expect_k = kc.fake_quantize_fp8(k[..., -kept:, :], k_scale)
         expect_v = kc.fake_quantize_fp8(v[..., -kept:, :], v_scale)
@@ -214,16 +282,20 @@ def test_fp8_cache_stores_one_byte_values_that_dequantize_to_the_round_trip():
 # ----------------------------------------------------------------------------- accounting
 
 
-def test_analytic_kv_bytes_fp8_is_half_bf16_and_quarter_fp32():
-    model = tiny_gpt_oss()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_analytic_kv_bytes_fp8_is_half_bf16_and_quarter_fp32(family):
+    model = tiny_model(family)
+    assert [(s.kv_heads, s.head_dim, s.window) for s in kc.kv_layout(model)] == [
+        (KV_HEADS, HEAD_DIM, w) for w in WINDOWS[family]
+    ]
     fp8 = kc.kv_bytes_per_token(model, torch.float8_e4m3fn)
     assert fp8 == FP8_BYTES_PER_TOKEN == 256
     assert kc.kv_bytes_per_token(model, torch.bfloat16) == 2 * fp8
     assert kc.kv_bytes_per_token(model, torch.float32) == 4 * fp8
-    # 20 tokens: the two full layers hold 20, the two sliding layers their window of 8
+    # 20 tokens: a full layer holds 20, a sliding layer its window of 8
     per_layer_token = 2 * KV_HEADS * HEAD_DIM
-    assert kc.kv_bytes_at_context(model, 20, torch.float8_e4m3fn) == per_layer_token * (
-        20 + 20 + WINDOW + WINDOW
+    assert kc.kv_bytes_at_context(model, 20, torch.float8_e4m3fn) == per_layer_token * sum(
+        20 if w is None else w for w in WINDOWS[family]
     )
     assert kc.kv_bytes_at_context(model, 5, torch.float8_e4m3fn) == 5 * fp8
     assert kc.kv_bytes_at_context(model, 20, torch.bfloat16) == 2 * kc.kv_bytes_at_context(
@@ -231,8 +303,14 @@ def test_analytic_kv_bytes_fp8_is_half_bf16_and_quarter_fp32():
     )
 
 
-def test_measured_cache_bytes_fp8_is_half_bf16_and_quarter_fp32():
-    model = tiny_gpt_oss()
+# FP8 bytes held after a 20-token prompt: 2 (K, V) · 2 heads · 16 dims = 64 per layer and token;
+# full layers hold 20 tokens, sliding ones window - 1 = 7 (gpt_oss: 20+7+20+7, olmoe: 4·20)
+FP8_CACHE_BYTES_AT_20 = {"gpt_oss": 3456, "qwen3_moe": 1792, "mixtral": 1792, "olmoe": 5120}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_measured_cache_bytes_fp8_is_half_bf16_and_quarter_fp32(family):
+    model = tiny_model(family)
     scales = kc.calibrate_kv_scales(model, batches(), progress=False)
     prompt = batches(n=1, batch=1, seq=20, seed=6)[0]
     bf16_model = copy.deepcopy(model).to(torch.bfloat16)
@@ -245,8 +323,7 @@ def test_measured_cache_bytes_fp8_is_half_bf16_and_quarter_fp32():
         ]:
             m(**prompt, cache=cache, use_cache=True)
             measured[name] = kc.cache_bytes(cache)
-    stored_tokens = 20 + 20 + (WINDOW - 1) + (WINDOW - 1)
-    assert measured["fp8"] == 2 * KV_HEADS * HEAD_DIM * stored_tokens == 3456
+    assert measured["fp8"] == FP8_CACHE_BYTES_AT_20[family]
     assert measured["bf16"] == 2 * measured["fp8"]
     assert measured["fp32"] == 4 * measured["fp8"]
 
@@ -266,8 +343,9 @@ def _teacher_forced_logits(model, ids: torch.Tensor, cache, prompt_len: int) -> 
     return torch.stack(steps, dim=1)
 
 
-def test_fp8_cache_decoding_is_close_to_fp32_and_matches_plain_forward_fp8():
-    model = tiny_gpt_oss()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fp8_cache_decoding_is_close_to_fp32_and_matches_plain_forward_fp8(family):
+    model = tiny_model(family)
     scales = kc.calibrate_kv_scales(model, batches(), progress=False)
     ids = batches(n=1, batch=1, seq=26, seed=7)[0]["input_ids"]  # 26 tokens > window 8
     fp8 = _teacher_forced_logits(model, ids, kc.make_fp8_cache(model, scales), prompt_len=5)
@@ -284,8 +362,9 @@ def test_fp8_cache_decoding_is_close_to_fp32_and_matches_plain_forward_fp8():
     assert fp8_vs_plain < 1e-4 < fp8_vs_ref
 
 
-def test_generate_with_fp8_cache_past_the_window():
-    model = tiny_gpt_oss()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_with_fp8_cache_past_the_window(family):
+    model = tiny_model(family)
     scales = kc.calibrate_kv_scales(model, batches(), progress=False)
     prompt = batches(n=1, batch=2, seq=5, seed=8)[0]["input_ids"]
     cache = kc.make_fp8_cache(model, scales)
@@ -296,7 +375,7 @@ def test_generate_with_fp8_cache_past_the_window():
     assert out.shape == (2, 5 + 24)
     assert torch.equal(out, out_plain)
     stored = [layer.keys.shape[-2] for layer in cache.layers]
-    assert stored == [WINDOW - 1, 5 + 24 - 1, WINDOW - 1, 5 + 24 - 1]
+    assert stored == [5 + 24 - 1 if w is None else w - 1 for w in WINDOWS[family]]
     assert all(layer.keys.dtype == torch.float8_e4m3fn for layer in cache.layers)
 
 
@@ -318,8 +397,6 @@ def test_fp8_cache_drops_finished_rows_like_a_serving_loop():
 
 def test_per_layer_windows_of_a_puzzle_model():
     """Two window sizes make the model a gpt_oss_puzzle model: accounting and cache follow."""
-    from lmpress.compress.attention import apply_windows
-
     model = apply_windows(tiny_gpt_oss(), {0: 4, 3: 6})  # windows 4, full, 8, 6
     assert [s.window for s in kc.kv_layout(model)] == [4, None, 8, 6]
     assert kc.kv_bytes_at_context(model, 20, torch.float8_e4m3fn) == 2 * KV_HEADS * HEAD_DIM * (
@@ -336,9 +413,9 @@ def test_per_layer_windows_of_a_puzzle_model():
 # ----------------------------------------------------------------------------- enable / disable
 
 
-@pytest.mark.parametrize("build", [tiny_gpt_oss, tiny_llama])
-def test_enable_changes_outputs_and_disable_restores_them_exactly(build):
-    model = build()
+@pytest.mark.parametrize("family", [*FAMILIES, "llama"])
+def test_enable_changes_outputs_and_disable_restores_them_exactly(family):
+    model = tiny_model(family)
     scales = kc.calibrate_kv_scales(model, batches(), progress=False)
     ids = batches(n=1, batch=2, seq=16, seed=9)[0]["input_ids"]
     with torch.no_grad():
@@ -442,14 +519,16 @@ def _write_checkpoint(model, path, config_key: str) -> None:
     (path / "config.json").write_text(json.dumps(config))
 
 
-def test_exported_layout_reloads_in_plain_transformers_and_round_trips_scales(tmp_path):
-    model = tiny_gpt_oss()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exported_layout_reloads_in_plain_transformers_and_round_trips_scales(family, tmp_path):
+    model = tiny_model(family)
     scales = kc.calibrate_kv_scales(model, batches(), progress=False)
     kc.enable_fp8_kv(model, scales)
     _write_checkpoint(model, tmp_path, kc.KV_CONFIG_KEY)
     kc.disable_fp8_kv(model)
 
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    impl = model.config._attn_implementation  # the same kernels as the original: equal bits
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=impl).eval()
     ids = batches(n=1, batch=1, seq=12, seed=10)[0]["input_ids"]
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
@@ -458,6 +537,29 @@ def test_exported_layout_reloads_in_plain_transformers_and_round_trips_scales(tm
     # the scales re-enable FP8 on the reloaded model: same outputs as the calibrated original
     with kc.fp8_kv(reloaded, back), kc.fp8_kv(model, scales), torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_and_load_checkpoint_restore_scales_and_fp8_cache_logits(family, tokenizer, tmp_path):
+    """lmpress's own export writes the scales beside the weights; its loader turns FP8 back on."""
+    model = tiny_model(family, vocab_size=len(tokenizer))
+    scales = kc.calibrate_kv_scales(model, batches(), progress=False)
+    kc.enable_fp8_kv(model, scales)
+    ids = batches(n=1, batch=1, seq=20, seed=13)[0]["input_ids"]  # 20 tokens > window 8
+    expected = _teacher_forced_logits(model, ids, kc.make_fp8_cache(model), prompt_len=5)
+    ckpt = save_checkpoint(model, tokenizer, tmp_path / family)
+    names = {n for f in ckpt.glob("*.safetensors") for n in load_file(f) if n.endswith("_scale")}
+    assert names == {f"model.layers.{i}.self_attn.{kv}_scale" for i in range(LAYERS) for kv in "kv"}
+
+    loaded, _ = load_checkpoint(ckpt)
+    assert kc.fp8_kv_enabled(loaded)
+    back = kc.kv_scales_of(loaded)
+    assert torch.equal(back.k_scale, scales.k_scale) and torch.equal(back.v_scale, scales.v_scale)
+    assert [s.window for s in kc.kv_layout(loaded)] == WINDOWS[family]
+    cache = kc.make_fp8_cache(loaded)
+    got = _teacher_forced_logits(loaded, ids, cache, prompt_len=5)
+    assert all(layer.keys.dtype == torch.float8_e4m3fn for layer in cache.layers)
+    assert (got - expected).abs().max().item() <= 1e-4
 
 
 @pytest.mark.skipif(

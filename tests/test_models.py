@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
+    DynamicCache,
     GptOssConfig,
     GptOssForCausalLM,
     LlamaConfig,
@@ -17,6 +18,7 @@ from transformers import (
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
 )
+from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from lmpress.errors import LmpressError
 from lmpress.models.adapters import adapter_for
@@ -25,9 +27,51 @@ FAMILIES = ("gpt_oss", "mixtral", "qwen3_moe", "olmoe")
 VOCAB, HIDDEN, INTER, EXPERTS, TOP_K = 64, 32, 16, 8, 2
 
 
+# family -> (model class, config class, the config fields that make it tiny)
+TINY = {
+    "gpt_oss": (
+        GptOssForCausalLM,
+        GptOssConfig,
+        dict(
+            num_hidden_layers=2,
+            head_dim=16,
+            intermediate_size=INTER,
+            num_local_experts=EXPERTS,
+            sliding_window=8,
+        ),
+    ),
+    "mixtral": (
+        MixtralForCausalLM,
+        MixtralConfig,
+        dict(num_hidden_layers=2, intermediate_size=INTER, num_local_experts=EXPERTS),
+    ),
+    "qwen3_moe": (
+        Qwen3MoeForCausalLM,
+        Qwen3MoeConfig,
+        dict(
+            norm_topk_prob=True,
+            num_hidden_layers=3,
+            head_dim=16,
+            moe_intermediate_size=INTER,
+            intermediate_size=48,
+            num_experts=EXPERTS,
+            mlp_only_layers=[1],
+        ),
+    ),
+    "olmoe": (
+        OlmoeForCausalLM,
+        OlmoeConfig,
+        dict(
+            norm_topk_prob=True, num_hidden_layers=2, intermediate_size=INTER, num_experts=EXPERTS
+        ),
+    ),
+}
+
+
 def tiny_moe(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     """A 2-layer (Qwen3-MoE: 3-layer, middle one dense) random model with routing that is far
-    from uniform, so expert choices and scores are well separated."""
+    from uniform, so expert choices and scores are well separated. `overrides` are config
+    fields and win over the defaults."""
     common = dict(
         vocab_size=VOCAB,
         hidden_size=HIDDEN,
@@ -37,55 +81,8 @@ def tiny_moe(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
         max_position_embeddings=128,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     )
-    if family == "gpt_oss":
-        cls, cfg = (
-            GptOssForCausalLM,
-            GptOssConfig(
-                **common,
-                num_hidden_layers=2,
-                head_dim=16,
-                intermediate_size=INTER,
-                num_local_experts=EXPERTS,
-                sliding_window=8,
-                **overrides,
-            ),
-        )
-    elif family == "mixtral":
-        cls, cfg = (
-            MixtralForCausalLM,
-            MixtralConfig(
-                **common,
-                num_hidden_layers=2,
-                intermediate_size=INTER,
-                num_local_experts=EXPERTS,
-                **overrides,
-            ),
-        )
-    elif family == "qwen3_moe":
-        cls, cfg = (
-            Qwen3MoeForCausalLM,
-            Qwen3MoeConfig(
-                **{"norm_topk_prob": True, **common, **overrides},
-                num_hidden_layers=3,
-                head_dim=16,
-                moe_intermediate_size=INTER,
-                intermediate_size=48,
-                num_experts=EXPERTS,
-                mlp_only_layers=[1],
-            ),
-        )
-    elif family == "olmoe":
-        cls, cfg = (
-            OlmoeForCausalLM,
-            OlmoeConfig(
-                **{"norm_topk_prob": True, **common, **overrides},
-                num_hidden_layers=2,
-                intermediate_size=INTER,
-                num_experts=EXPERTS,
-            ),
-        )
-    else:
-        raise ValueError(family)
+    cls, config_cls, fields = TINY[family]
+    cfg = config_cls(**{**common, **fields, **overrides})
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = cls(cfg).eval()
@@ -172,11 +169,35 @@ def test_qwen3_dense_layers_have_no_moe_block():
     assert adapter.moe_block(model.model.layers[0]) is model.model.layers[0].mlp
 
 
-def test_layer_types_where_the_config_has_them():
-    gpt = tiny_moe("gpt_oss")
-    assert adapter_for(gpt).layer_types(gpt) == ["sliding_attention", "full_attention"]
-    mixtral = tiny_moe("mixtral")
-    assert adapter_for(mixtral).layer_types(mixtral) is None
+@pytest.mark.parametrize(
+    ("family", "overrides", "windows"),
+    [
+        ("gpt_oss", {}, [8, None]),
+        ("mixtral", {}, [None, None]),
+        ("mixtral", {"sliding_window": 6}, [6, 6]),
+        ("qwen3_moe", {"sliding_window": 6}, [None, None, None]),  # use_sliding_window is off
+        ("qwen3_moe", {"sliding_window": 6, "use_sliding_window": True}, [6, 6, 6]),
+        ("olmoe", {}, [None, None]),
+    ],
+)
+def test_layer_windows_are_those_the_cache_is_built_with(family, overrides, windows):
+    """The adapter reads windows where each family's modeling code does, also for configs with no
+    `layer_types`; transformers' own cache for the config agrees layer by layer."""
+    model = tiny_moe(family, **overrides)
+    adapter = adapter_for(model)
+    assert adapter.layer_windows(model) == windows
+    types = adapter.layer_types(model)
+    assert types == ["full_attention" if w is None else "sliding_attention" for w in windows]
+    cache = DynamicCache(config=model.config)
+    assert [isinstance(layer, DynamicSlidingWindowLayer) for layer in cache.layers] == [
+        w is not None for w in windows
+    ]
+    assert [getattr(layer, "sliding_window", None) for layer in cache.layers] == windows
+
+
+def test_window_scope_per_family():
+    scopes = {f: adapter_for(tiny_moe(f)).window_scope for f in FAMILIES}
+    assert scopes == {"gpt_oss": "layer", "mixtral": "model", "qwen3_moe": "model", "olmoe": "none"}
 
 
 def test_gpt_oss_puzzle_uses_the_gpt_oss_adapter():

@@ -13,6 +13,10 @@ transformers so that lmpress measures it honestly:
   lm-eval's single-pass log-likelihoods see FP8 K/V whatever the caller does.
 * `kv_export_entries` writes the scales in the compressed-tensors layout that vLLM reads.
 
+Nothing here depends on the family (GPT-OSS, Qwen3-MoE, Mixtral and OLMoE are tested): the K/V
+are taken where each attention hands them to the cache, after whatever the family does first
+(Qwen3-MoE and OLMoE RMS-normalise K, all of them apply RoPE).
+
 K/V are intercepted where the attention module hands them to `cache.update(...)`, as
 llm-compressor does: a forward pre-hook on each attention module swaps its `cache` argument for a
 `_KVTap` that transforms (or observes) K/V before passing them on. Every K/V the model would
@@ -153,8 +157,9 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def kv_layout(model: nn.Module) -> list[KVLayerShape]:
     """Per attention layer: KV heads, head_dim and window, as the attention modules use them.
 
-    The window is the module's own `sliding_window` where it has one (GPT-OSS, Qwen3, and
-    per-layer windows of a gpt_oss_puzzle model), else the config's layer types.
+    The window is the module's own `sliding_window` where it has one (GPT-OSS, Qwen3-MoE, and
+    per-layer windows of a gpt_oss_puzzle model), else what transformers' cache derives from the
+    config: `layer_types`, or, where a family has none, its one `sliding_window` (Mixtral).
     """
     attns = attention_modules(model)
     config = model.config.get_text_config(decoder=True)
@@ -198,6 +203,17 @@ def kv_bytes_at_context(model: nn.Module, context_len: int, dtype: torch.dtype) 
         tokens = context_len if s.window is None else min(context_len, s.window)
         total += 2 * s.kv_heads * s.head_dim * tokens
     return total * dtype.itemsize
+
+
+def dense_cache(model: nn.Module) -> DynamicCache:
+    """The stock bf16/fp32 cache for `model`, each sliding layer sized to its own window (the
+    stock constructor gives a gpt_oss_puzzle model's sliding layers all the largest window)."""
+    from lmpress.models.gpt_oss_puzzle.convert import is_puzzle_config
+    from lmpress.models.gpt_oss_puzzle.modeling_gpt_oss_puzzle import new_cache
+
+    if is_puzzle_config(model.config):
+        return new_cache(model.config)
+    return DynamicCache(config=model.config)
 
 
 def cache_bytes(cache: Cache) -> int:
@@ -489,7 +505,10 @@ class FP8KVCache(DynamicCache):
     """A DynamicCache whose layers store FP8 K/V with calibrated static scales, one per layer."""
 
     def __init__(self, config, scales: KVScales):
-        layer_types, layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+        text_config = config.get_text_config(decoder=True)
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
+        # gpt_oss_puzzle: each layer's own window (the kwargs carry the largest one for all)
+        own_windows = getattr(text_config, "layer_windows", None)
         if len(layer_types) != scales.num_layers:
             raise LmpressError(
                 f"kv_fp8.scales: {scales.num_layers} layers given, config has {len(layer_types)}"
@@ -500,7 +519,7 @@ class FP8KVCache(DynamicCache):
             if kind == "full_attention":
                 layers.append(FP8DynamicLayer(k_scale, v_scale))
             elif kind in _WINDOWED_TYPES:
-                window = layer_kwargs[i]["sliding_window"]
+                window = own_windows[i] if own_windows else layer_kwargs[i]["sliding_window"]
                 layers.append(FP8SlidingWindowLayer(window, k_scale, v_scale))
             else:
                 raise LmpressError(f"layer_types[{i}]: '{kind}' has no FP8 KV cache support")

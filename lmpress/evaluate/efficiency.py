@@ -65,7 +65,7 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
-from transformers import Cache, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 
 from lmpress.errors import LmpressError
 
@@ -198,34 +198,23 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _kv_layers(model_or_config: Any) -> list[tuple[int, int, int | None]]:
-    """(kv_heads, head_dim, window or None) for every attention layer, from the config."""
-    config = getattr(model_or_config, "config", model_or_config).get_text_config(decoder=True)
-    n = config.num_hidden_layers
-    types = getattr(config, "layer_types", None) or ["full_attention"] * n
-    per_layer = getattr(config, "per_layer_config", None) or [config] * n
-    layers = []
-    for layer_type, c in zip(types, per_layer, strict=True):
-        if layer_type not in ("full_attention", "sliding_attention"):
-            continue  # layers without a KV cache ("moe", "mlp") or of another kind
-        heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        window = c.sliding_window if layer_type == "sliding_attention" else None
-        layers.append((heads, head_dim, window))
-    return layers
-
-
-def kv_bytes_for_context(model_or_config: Any, tokens: int, bytes_per_element: int) -> int:
+def kv_bytes_for_context(model: torch.nn.Module, tokens: int, bytes_per_element: int) -> int:
     """KV bytes one request holds at context length T: sum_l 2*H_l*d_l*b*min(T, W_l)."""
+    from lmpress.compress.kv_cache import kv_layout  # the one place that reads KV geometry
+
     return sum(
-        2 * heads * head_dim * bytes_per_element * (tokens if w is None else min(tokens, w))
-        for heads, head_dim, w in _kv_layers(model_or_config)
+        2 * s.kv_heads * s.head_dim * bytes_per_element * _held(tokens, s.window)
+        for s in kv_layout(model)
     )
 
 
-def kv_bytes_per_token(model_or_config: Any, bytes_per_element: int) -> int:
+def _held(tokens: int, window: int | None) -> int:
+    return tokens if window is None else min(tokens, window)
+
+
+def kv_bytes_per_token(model: torch.nn.Module, bytes_per_element: int) -> int:
     """KV bytes of one token within every window: sum_l 2*H_l*d_l*b."""
-    return kv_bytes_for_context(model_or_config, 1, bytes_per_element)
+    return kv_bytes_for_context(model, 1, bytes_per_element)
 
 
 def _state_tensors(obj: Any) -> list[torch.Tensor]:
@@ -251,7 +240,9 @@ def _cache_element_bytes(cache: Cache) -> int:
 
 
 def _default_cache(model: PreTrainedModel, batch_size: int) -> Cache:
-    return DynamicCache(config=model.config)
+    from lmpress.compress.kv_cache import dense_cache
+
+    return dense_cache(model)
 
 
 # ----------------------------------------------------------------------------- serving loop

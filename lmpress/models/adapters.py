@@ -8,6 +8,16 @@ instance per family in its own small module, and `adapter_for(model)` picks it b
 
 Counts are always read from the modules, never from config scalars: a pruned or `gpt_oss_puzzle`
 model keeps a different number of experts in each layer.
+
+Attention windows are the one place the families differ in kind, not only in names: what the
+stock config can say and the modeling code obeys (transformers 5.24, read from each
+`modeling_*.py`'s mask construction) is `window_scope`:
+- `LAYER` (GPT-OSS): `layer_types` picks full or sliding per layer, one `sliding_window` size
+  (more sizes: `gpt_oss_puzzle` `block_configs`);
+- `MODEL` (Qwen3-MoE, Mixtral): one `sliding_window` mask for every layer (Qwen3-MoE also needs
+  `use_sliding_window`); a `layer_types` entry would be ignored by the mask but obeyed by the
+  cache, so it is never written;
+- `NONE` (OLMoE): the model always builds a full causal mask.
 """
 
 from __future__ import annotations
@@ -17,6 +27,11 @@ from dataclasses import dataclass
 from torch import nn
 
 from lmpress.errors import LmpressError
+from lmpress.models.gpt_oss_puzzle.configuration_gpt_oss_puzzle import FULL, SLIDING
+from lmpress.models.gpt_oss_puzzle.convert import config_windows
+
+# How a family's stock config describes attention windows (see the module docstring).
+LAYER, MODEL, NONE = "layer", "model", "none"
 
 
 @dataclass(frozen=True)
@@ -32,6 +47,8 @@ class MoeAdapter:
     expert_dim: int = 0  # the dim of every tensor in `expert_names` that indexes experts
     mlp_name: str = "mlp"
     attention_name: str = "self_attn"
+    window_scope: str = NONE  # LAYER, MODEL or NONE: where the stock config can set a window
+    window_switch: str | None = None  # config flag that must be true for `sliding_window` to count
 
     # -- layers ---------------------------------------------------------------------------
     def layers(self, model: nn.Module) -> nn.ModuleList:
@@ -123,10 +140,19 @@ class MoeAdapter:
         attn = self.attention(layer)
         return attn.k_proj, attn.v_proj
 
-    def layer_types(self, model: nn.Module) -> list[str] | None:
-        """`sliding_attention`/`full_attention` per layer where the config has them."""
-        types = getattr(model.config, "layer_types", None)
-        return list(types) if types is not None else None
+    def layer_windows(self, model: nn.Module) -> list[int | None]:
+        """Window of every layer in tokens, None for full attention, read where the family's mask
+        code reads it (GPT-OSS: `layer_types`, or `block_configs` of a gpt_oss_puzzle model)."""
+        if self.window_scope == LAYER:
+            return config_windows(model.config)
+        model_wide = self.window_scope == MODEL
+        window = getattr(model.config, "sliding_window", None) if model_wide else None
+        return [window] * len(self.layers(model))
+
+    def layer_types(self, model: nn.Module) -> list[str]:
+        """`sliding_attention`/`full_attention` per layer, also for families whose config has no
+        `layer_types` (a Mixtral `sliding_window` makes every layer sliding)."""
+        return [FULL if w is None else SLIDING for w in self.layer_windows(model)]
 
 
 def adapter_for(model: nn.Module) -> MoeAdapter:

@@ -3,9 +3,11 @@
 
 Routing softmaxes over all experts, takes the top-k and always renormalises over those k, so a
 token whose top-k experts are all kept is routed exactly as before pruning.
+
+Attention: one `sliding_window` (Mistral-style) masks every layer; there is no `layer_types`.
 """
 
-from lmpress.models.adapters import MoeAdapter
+from lmpress.models.adapters import MODEL, MoeAdapter
 
 MIXTRAL = MoeAdapter(
     family="mixtral",
@@ -13,4 +15,5 @@ MIXTRAL = MoeAdapter(
     router_name="gate",
     expert_names=("gate_up_proj", "down_proj"),
     config_num_experts="num_local_experts",
+    window_scope=MODEL,
 )

@@ -3,9 +3,13 @@
 
 `norm_topk_prob` defaults to False here: the top-k weights are softmax probabilities over all
 experts, so removing experts rescales the weights of those that remain.
+
+Attention: always full. OlmoeModel builds a plain causal mask, while its attention hands any
+`config.sliding_window` to the flash kernels only, so a window would mean different models under
+eager and flash attention. K is RMS-normed across all KV heads at once, before the head split.
 """
 
-from lmpress.models.adapters import MoeAdapter
+from lmpress.models.adapters import NONE, MoeAdapter
 
 OLMOE = MoeAdapter(
     family="olmoe",
@@ -13,4 +17,5 @@ OLMOE = MoeAdapter(
     router_name="gate",
     expert_names=("gate_up_proj", "down_proj"),
     config_num_experts="num_experts",
+    window_scope=NONE,
 )

@@ -6,9 +6,10 @@ the state-dict names are identical. What differs from `GptOssModel` is the masks
 builds one causal and one sliding mask from the single `config.sliding_window`; here one sliding
 mask is built per distinct window and each layer gets the mask of its own window.
 
-The KV cache is the stock one: every sliding layer keeps `config.sliding_window` (the largest
-window) tokens, so layers with smaller windows hold a few more tokens than they need, and their
-masks hide the surplus.
+The KV cache is the stock `DynamicCache` with each sliding layer sized to its own window
+(`new_cache`): built from the config alone, the stock cache would give every sliding layer the
+global `config.sliding_window` (the largest window), so a 128-token layer beside an 8K-token
+one would keep 8K tokens, hidden by its mask but stored and read at every step.
 
 This file is copied into exported checkpoints and loaded there through `auto_map` with
 `trust_remote_code=True`, so it imports only torch, transformers and its configuration module.
@@ -21,7 +22,7 @@ import inspect
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import MoeModelOutputWithPast
 from transformers.models.gpt_oss.modeling_gpt_oss import (
@@ -47,6 +48,12 @@ _CACHE_ARG = (
 _CACHE_FIELD = (
     "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 )
+# Mask builders that can be told which cache layer to size the mask for (a hybrid cache's
+# sliding layers differ in length once their windows differ).
+_HAS_LAYER_IDX = {
+    f: "layer_idx" in inspect.signature(f).parameters
+    for f in (create_causal_mask, create_sliding_window_causal_mask)
+}
 
 
 class GptOssPuzzlePreTrainedModel(GptOssPreTrainedModel):
@@ -85,7 +92,7 @@ class GptOssPuzzleModel(GptOssPuzzlePreTrainedModel, GptOssModel):
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
+            cache = new_cache(self.config)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if position_ids is None:
@@ -116,7 +123,8 @@ class GptOssPuzzleModel(GptOssPuzzlePreTrainedModel, GptOssModel):
     def window_masks(self, inputs_embeds, attention_mask, cache) -> dict:
         """One mask per distinct window, keyed "full_attention" or "sliding_attention_<w>"."""
         masks = {}
-        for window in sorted(set(self.config.layer_windows), key=lambda w: w or 0):
+        windows = self.config.layer_windows
+        for window in sorted(set(windows), key=lambda w: w or 0):
             if window is None:
                 config = self.config
                 build = create_causal_mask
@@ -129,6 +137,8 @@ class GptOssPuzzleModel(GptOssPuzzlePreTrainedModel, GptOssModel):
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
                 **{_CACHE_ARG: cache},
+                # the cache layer whose length and offset this window's mask must match
+                **({"layer_idx": windows.index(window)} if _HAS_LAYER_IDX[build] else {}),
             )
         return masks
 
@@ -151,6 +161,38 @@ class GptOssPuzzleForCausalLM(GptOssPuzzlePreTrainedModel, GptOssForCausalLM):
         window, instead of the stock one-window pair."""
         cache = cache if cache is not None else kwargs.get("past_key_values")
         return self.model.window_masks(inputs_embeds, attention_mask, cache)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """`generate` builds its own stock cache from the config; size its sliding layers to
+        their windows as `new_cache` does (a cache the caller passed is theirs to size)."""
+        user_cache = model_kwargs.get("cache") is not None
+        out = super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, *args, **kwargs
+        )
+        cache = model_kwargs.get("cache")
+        if not user_cache and type(cache) is DynamicCache:
+            size_sliding_layers(cache, self.config)
+        return out
+
+
+def new_cache(config: GptOssPuzzleConfig) -> DynamicCache:
+    """A `DynamicCache` whose sliding layers keep their own window, not the largest one."""
+    return size_sliding_layers(DynamicCache(config=config), config)
+
+
+def size_sliding_layers(cache: DynamicCache, config: GptOssPuzzleConfig) -> DynamicCache:
+    """Give each still-empty sliding layer of a stock cache its own window from `block_configs`
+    (a cache that already holds tokens, or a layer of another kind, is left alone)."""
+    for i, window in enumerate(config.layer_windows):
+        layer = cache.layers[i] if i < len(cache.layers) else None
+        if (
+            type(layer) is DynamicSlidingWindowLayer
+            and window is not None
+            and not layer.is_initialized
+            and layer.sliding_window != window
+        ):
+            cache.layers[i] = DynamicSlidingWindowLayer(sliding_window=window)
+    return cache
 
 
 def _decoder_layer(config: GptOssPuzzleConfig, layer_idx: int) -> GptOssDecoderLayer:
