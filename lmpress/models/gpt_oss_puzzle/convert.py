@@ -119,4 +119,16 @@ def to_puzzle(model: GptOssForCausalLM) -> GptOssPuzzleForCausalLM:
     rebind_config(model, config)
     model.__class__ = GptOssPuzzleForCausalLM
     model.model.__class__ = GptOssPuzzleModel
+    _register_outputs(model)
     return model
+
+
+def _register_outputs(model: GptOssPuzzleForCausalLM) -> None:
+    """transformers serves `output_hidden_states` / router logits from a per-class registry
+    filled in `__init__`, which a class swap skips: fill it as construction would have."""
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # older layouts record outputs without the registry
+        return
+    for module in (model, model.model):
+        _CAN_RECORD_REGISTRY[module] = module._can_record_outputs
