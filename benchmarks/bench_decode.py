@@ -153,6 +153,22 @@ def time_decode(model, make_cache, batch: int, context: int, steps: int, device)
 
 
 @torch.no_grad()
+def time_moe(model, batch: int, steps: int, device) -> float:
+    """The MoE blocks alone on one decode step's hidden states, summed over layers, in ms:
+    the part of a step that expert pruning acts on."""
+    hidden = torch.randn(batch, 1, model.config.hidden_size, device=device, dtype=model.dtype)
+    per_step = []
+    for _ in range(steps):
+        sync(device)
+        t0 = time.perf_counter()
+        for layer in model.model.layers:
+            layer.mlp(hidden)
+        sync(device)
+        per_step.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(per_step)
+
+
+@torch.no_grad()
 def time_prefill(model, make_cache, context: int, device) -> float:
     """One sequence of `context` tokens through the model into a fresh cache, in ms."""
     ids = torch.randint(0, model.config.vocab_size, (1, context), device=device)
@@ -197,6 +213,7 @@ def main() -> None:
         for name, (m, mk) in models.items():
             r = time_decode(m, mk, args.batch, args.context, args.steps, device)
             r["prefill_ms"] = time_prefill(m, mk, args.prefill_context, device)
+            r["moe_ms"] = time_moe(m, args.batch, args.steps, device)
             runs[name].append(r)
 
     base = _summary(runs["parent"])
@@ -206,14 +223,16 @@ def main() -> None:
         f"prefill: 1 × {args.prefill_context} tokens ({args.dtype})"
     )
     head = f"{'variant':8} {'weight GB':>10} {'KV GB':>8} {'decode ms':>10} {'[min, max]':>16} "
-    print(head + f"{'prefill ms':>11} {'decode ×':>9} {'weights ×':>10} {'KV ×':>6}")
+    head += f"{'MoE ms':>7} {'prefill ms':>11} {'decode ×':>9} {'MoE ×':>6} {'weights ×':>10}"
+    print(head + f"{'KV ×':>6}")
     for name, (m, _) in models.items():
         s = _summary(runs[name])
         wb = weight_bytes(m)
         print(
             f"{name:8} {wb / 1e9:10.2f} {s['kv_bytes'] / 1e9:8.3f} {s['decode_ms']:10.2f} "
-            f"[{s['lo']:6.2f}, {s['hi']:6.2f}] {s['prefill_ms']:11.1f} "
-            f"{s['decode_ms'] / base['decode_ms']:9.3f} {wb / weight_bytes(parent):10.3f} "
+            f"[{s['lo']:6.2f}, {s['hi']:6.2f}] {s['moe_ms']:7.2f} {s['prefill_ms']:11.1f} "
+            f"{s['decode_ms'] / base['decode_ms']:9.3f} {s['moe_ms'] / base['moe_ms']:6.3f} "
+            f"{wb / weight_bytes(parent):10.3f} "
             f"{s['kv_bytes'] / base['kv_bytes']:6.3f}"
         )
 
@@ -225,6 +244,7 @@ def _summary(rs: list[dict]) -> dict:
         "lo": min(d),
         "hi": max(d),
         "prefill_ms": statistics.median(r["prefill_ms"] for r in rs),
+        "moe_ms": statistics.median(r["moe_ms"] for r in rs),
         "kv_bytes": rs[0]["kv_bytes"],
     }
 
