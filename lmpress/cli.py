@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -28,6 +29,9 @@ DeviceOpt = Annotated[
     str | None, typer.Option(help="auto, cpu, cuda or cuda:N (overrides the recipe)")
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars, warnings only")]
+AllowPickleOpt = Annotated[
+    bool, typer.Option(help="also load .bin/.pt weights (pickle: can run code; trusted files only)")
+]
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -36,7 +40,8 @@ def _setup_logging(quiet: bool) -> None:
         format="%(asctime)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("lm_eval", "lm-eval", "datasets", "transformers", "httpx", "urllib3", "filelock"):
+    noisy_loggers = ("lm_eval", "lm-eval", "datasets", "transformers", "httpx", "urllib3")
+    for noisy in (*noisy_loggers, "filelock", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
@@ -60,20 +65,30 @@ def run(
     """
     from lmpress.recipe import load_recipe
 
-    r = load_recipe(recipe)
-    if output_dir:
-        r.output_dir = output_dir
-    _setup_logging(quiet)
-    from lmpress.pipeline import run_recipe
+    signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop is a Ctrl-C: resumable
+    try:
+        r = load_recipe(recipe)
+        if output_dir:
+            r.output_dir = output_dir
+        _setup_logging(quiet)
+        from lmpress.pipeline import run_recipe
 
-    manifest = run_recipe(r, device=device, fresh=fresh, progress=not quiet)
+        manifest = run_recipe(r, device=device, fresh=fresh, progress=not quiet)
+    except KeyboardInterrupt as e:  # typer would exit 130 silently; say where to resume
+        typer.echo(str(e) or "interrupted; re-run the same command to resume", err=True)
+        raise typer.Exit(130) from e
     typer.echo(f"run directory: {r.run_dir()}  (manifest.json, report.md, export/)")
     typer.echo((r.run_dir() / "report.md").read_text() if manifest else "")
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 @app.command()
 def validate(recipe: Annotated[Path, typer.Argument(help="recipe YAML file")]) -> None:
-    """Check a recipe without running anything."""
+    """Check a recipe without running anything: the schema, the parent's files, config and
+    tokenizer, the calibration files, and every stage against the model (no weights loaded)."""
     from lmpress.recipe import load_recipe
 
     r = load_recipe(recipe)
@@ -94,6 +109,7 @@ def eval_cmd(
     trust_remote_code: Annotated[
         bool, typer.Option(help="run code shipped in the checkpoint")
     ] = False,
+    allow_pickle: AllowPickleOpt = False,
     output: Annotated[Path | None, typer.Option(help="write the metrics as JSON here")] = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -107,7 +123,7 @@ def eval_cmd(
     _setup_logging(quiet)
     from lmpress.evaluate.harness import evaluate
 
-    m, tok = _load(model, device, dtype, trust_remote_code, quiet, "MODEL")
+    m, tok = _load(model, device, dtype, trust_remote_code, quiet, "MODEL", allow_pickle)
     metrics = evaluate(m, tok, task_list, limit=limit, batch_size=batch_size, max_length=max_length)
     text = json.dumps(metrics, indent=2)
     if output:
@@ -125,7 +141,13 @@ def _at_least(*checks: tuple[str, int | None, int]) -> None:
 
 
 def _load(
-    model: str, device: str | None, dtype: str, trust_remote_code: bool, quiet: bool, field: str
+    model: str,
+    device: str | None,
+    dtype: str,
+    trust_remote_code: bool,
+    quiet: bool,
+    field: str,
+    allow_pickle: bool = False,
 ):
     from lmpress.device import resolve_device
     from lmpress.load import DTYPES, load_checkpoint
@@ -134,7 +156,9 @@ def _load(
         raise LmpressError(f"--dtype: must be one of {', '.join(DTYPES)}")
     dev = resolve_device(device or "auto", "--device")
     path = _model_dir(model, quiet)
-    return load_checkpoint(path, str(dev), dtype, trust_remote_code=trust_remote_code, field=field)
+    return load_checkpoint(
+        path, str(dev), dtype, allow_pickle, trust_remote_code=trust_remote_code, field=field
+    )
 
 
 @app.command()
@@ -156,6 +180,7 @@ def bench(
     trust_remote_code: Annotated[
         bool, typer.Option(help="run code shipped in the checkpoint")
     ] = False,
+    allow_pickle: AllowPickleOpt = False,
     output: Annotated[Path | None, typer.Option(help="write the results as JSON here")] = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -185,13 +210,13 @@ def bench(
     from lmpress.evaluate import efficiency as eff
     from lmpress.evaluate.requests import cache_factory_for, score_efficiency, workload_for
 
-    m_a, tok_a = _load(model, device, dtype, trust_remote_code, quiet, "MODEL")
+    m_a, tok_a = _load(model, device, dtype, trust_remote_code, quiet, "MODEL", allow_pickle)
     if vs is None:
         result = score_efficiency(m_a, tok_a, cfg, seed)
         typer.echo(_frontier_table({model: result["frontier"]}))
         _write_json(output, result)
         return
-    m_b, tok_b = _load(vs, device, dtype, trust_remote_code, quiet, "--vs")
+    m_b, tok_b = _load(vs, device, dtype, trust_remote_code, quiet, "--vs", allow_pickle)
     workload, _ = workload_for(m_a, tok_a, cfg, seed)
     comparison = eff.compare(
         m_a,
@@ -274,14 +299,17 @@ def demo_list() -> None:
 
 
 def main() -> None:
+    # bitsandbytes (imported by peft, imported by transformers.optimization) warns on import
+    # about an optional CPU kernel; on stderr it would break "one line per problem"
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         app()
     except LmpressError as e:
         for problem in e.problems:
             print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: re-run the same command to resume", file=sys.stderr)
+    except KeyboardInterrupt:  # before typer took over (commands: typer exits 130 itself)
+        print("interrupted", file=sys.stderr)
         sys.exit(130)
 
 

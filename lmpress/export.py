@@ -15,6 +15,8 @@ a path on this machine or carries a token.
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,6 +39,8 @@ PUZZLE_AUTO_MAP = {
 # keys that name the machine the checkpoint was written on, or carry credentials
 PRIVATE_KEYS = ("_name_or_path", "name_or_path", "token", "use_auth_token", "hub_token")
 METADATA_SUFFIXES = (".json", ".jinja", ".md")
+SECRET_ENV = re.compile(r"TOKEN|SECRET|PASSWORD|API_?KEY|ACCESS_KEY|CREDENTIAL", re.IGNORECASE)
+MIN_SECRET_CHARS = 8  # shorter values ("1", "true") would match by chance
 VOCABULARY_FILES = ("tokenizer.json", "vocab.json")
 
 
@@ -168,20 +172,38 @@ def _write_generation_config(
 
 
 def _scrub(tmp: Path, model: PreTrainedModel) -> None:
+    scrub_metadata(tmp, _local_paths(model))
+
+
+def scrub_metadata(tmp: Path, local_paths: list[str]) -> None:
     """Remove keys that name this machine or carry a token, then refuse to publish a checkpoint
-    whose metadata still contains a local absolute path (vocabularies are not searched: a token
-    may spell anything)."""
+    whose metadata still contains a local absolute path (`local_paths` and the home directory)
+    or the value of a secret environment variable (vocabularies are not searched: a token may
+    spell anything)."""
     for path in tmp.glob("*.json"):
         data = json.loads(path.read_text())
         if isinstance(data, dict) and any(key in data for key in PRIVATE_KEYS):
             _update_json(path, drop=PRIVATE_KEYS)
+    home = [str(Path.home())] if len(Path.home().parts) > 1 else []
     for path in sorted(tmp.iterdir()):
         if path.suffix not in METADATA_SUFFIXES or path.name in VOCABULARY_FILES:
             continue
         text = path.read_text(errors="ignore")
-        for local in _local_paths(model):
+        for local in dict.fromkeys([*local_paths, *home]):
             if f"{local}/" in text or f'"{local}"' in text:
                 raise LmpressError(f"export: {path.name} would contain the local path {local}")
+        for name, value in _secrets():
+            if value in text:
+                raise LmpressError(f"export: {path.name} would contain the value of ${name}")
+
+
+def _secrets() -> list[tuple[str, str]]:
+    """Environment variables that look like credentials (HF_TOKEN, *_API_KEY, ...)."""
+    return [
+        (name, value)
+        for name, value in os.environ.items()
+        if SECRET_ENV.search(name) and len(value) >= MIN_SECRET_CHARS
+    ]
 
 
 def _local_paths(model: PreTrainedModel) -> list[str]:

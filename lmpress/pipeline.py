@@ -3,17 +3,25 @@
 The run directory holds `manifest.json` (rewritten atomically after every step), a checkpoint
 per stage, `export/` and `report.md`. A stage is skipped on re-run when its key — a hash of
 its options chained with the key of its input — matches a finished entry whose checkpoint
-exists; scores are redone only when the evaluation settings changed.
+exists and is intact; scores are redone only when the evaluation settings changed.
+
+Reliability: the recipe's pre-flight runs before anything is written; a run writes only into an
+empty directory or its own run directory, under a lock; every file and checkpoint is written
+to a temp name and renamed on success, so a run killed at any point (SIGINT, SIGKILL, a full
+disk) resumes from its last finished step and reaches the same metrics.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import platform
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,13 +36,19 @@ from lmpress.bundle import Bundle
 from lmpress.data.calibration import calibration_batches, calibration_documents
 from lmpress.device import describe, resolve_device
 from lmpress.errors import LmpressError
-from lmpress.export import save_checkpoint
-from lmpress.load import load_checkpoint
+from lmpress.export import save_checkpoint, scrub_metadata
+from lmpress.load import check_checkpoint_dir, load_checkpoint
+from lmpress.preflight import check_recipe
 from lmpress.recipe import Recipe
 from lmpress.stages import StageConfig, StageContext
 
 log = logging.getLogger("lmpress")
 MANIFEST = "manifest.json"
+LOCK = ".lmpress.lock"
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message says where a re-run resumes."""
 
 
 def _sha(*parts: Any) -> str:
@@ -74,6 +88,7 @@ class Pipeline:
     device: torch.device
     run_dir: Path
     progress: bool = True
+    _step: str = dataclasses.field(default="the start", init=False, repr=False)  # resume point
 
     @classmethod
     def create(cls, recipe: Recipe, device: str | None = None, progress: bool = True):
@@ -82,16 +97,52 @@ class Pipeline:
             recipe, resolve_device(device or recipe.device, field), recipe.run_dir(), progress
         )
 
-    # ---- manifest -------------------------------------------------------------------------
+    # ---- run directory and manifest -----------------------------------------------------------
+    def _check_output_dir(self) -> None:
+        """Write only into an empty directory or an lmpress run: never beside the user's files,
+        and --fresh never deletes them."""
+        d = self.run_dir
+        if d.exists() and not d.is_dir():
+            raise LmpressError(f"output_dir: {d} is a file, not a directory")
+        if not d.is_dir() or (d / MANIFEST).is_file():
+            return
+        foreign = sorted(p.name for p in d.iterdir() if p.name != LOCK and not atomic.is_temp(p))
+        if foreign:
+            raise LmpressError(
+                f"output_dir: {d} is not empty and holds no lmpress run (manifest.json), e.g. "
+                f"'{foreign[0]}'; name a new or empty directory (lmpress neither writes beside "
+                "nor deletes files it did not make, also with --fresh)"
+            )
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One process per run directory: a second `lmpress run` into it is refused, not mixed."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no advisory locks, no guard
+            yield
+            return
+        with open(self.run_dir / LOCK, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                raise LmpressError(
+                    f"output_dir: {self.run_dir} is in use by another lmpress run"
+                ) from e
+            yield  # the kernel releases the lock when the file closes or the process dies
+
     def _load_manifest(self, fresh: bool) -> dict:
         path = self.run_dir / MANIFEST
-        if fresh and self.run_dir.exists():
-            if not path.is_file() and any(self.run_dir.iterdir()):
-                raise LmpressError(
-                    f"output_dir: {self.run_dir} is not empty and holds no lmpress run "
-                    "(manifest.json); --fresh deletes run directories only"
-                )
-            shutil.rmtree(self.run_dir)
+        if fresh:
+            for p in self.run_dir.iterdir():
+                if p.name == LOCK:
+                    continue
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+        for leftover in atomic.clean_temps(self.run_dir):
+            log.info("removed %s (left by an interrupted run)", leftover)
         if path.is_file():
             try:
                 return json.loads(path.read_text())
@@ -182,13 +233,30 @@ class Pipeline:
 
     # ---- the run ------------------------------------------------------------------------------
     def run(self, fresh: bool = False) -> dict:
-        t_run = time.perf_counter()
-        manifest = self._load_manifest(fresh)
+        """Pre-flight, then run or resume; Ctrl-C raises RunInterrupted naming the resume point."""
+        check_recipe(self.recipe)
+        self._check_output_dir()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        with self._locked():
+            try:
+                return self._run(self._load_manifest(fresh))
+            except KeyboardInterrupt as e:
+                raise RunInterrupted(
+                    f"interrupted; re-run the same command to resume from {self._step}"
+                ) from e
+
+    def _run(self, manifest: dict) -> dict:
+        t_run = time.perf_counter()
+        manifest.update(
+            recipe=self.recipe.model_dump(mode="json"),
+            environment=environment(self.device),
+        )
+        self._save(manifest)  # marks the directory as a run before anything else is written
         atomic.write_text(
             self.run_dir / "recipe.yaml",
             yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False),
         )
+        self._step = "scoring the parent"
         parent_dir = self._parent_dir()
         root_key = _sha(
             parent_identity(self.recipe),
@@ -197,10 +265,6 @@ class Pipeline:
             self.recipe.calibration.model_dump(mode="json"),
         )
         old_stages = manifest.get("stages", [])
-        manifest.update(
-            recipe=self.recipe.model_dump(mode="json"),
-            environment=environment(self.device),
-        )
         manifest.setdefault("parent", {})
         manifest["stages"] = _contiguous(old_stages)[: len(self.recipe.stages)]
         eval_hash = self.recipe.score_hash()
@@ -232,6 +296,7 @@ class Pipeline:
             key = _sha(key, stage.stage, stage.config_hash())
             current, ckpt = self._run_stage(i, stage, key, current, ckpt, manifest)
 
+        self._step = "the export"
         manifest["export"] = self._export(ckpt, key, manifest.get("export", {}))
         manifest["seconds_this_invocation"] = round(time.perf_counter() - t_run, 2)
         self._save(manifest)
@@ -255,8 +320,9 @@ class Pipeline:
         entries = manifest["stages"]
         old = entries[i] if i < len(entries) else {}
         out_ckpt = stage_dir / "checkpoint"
-        done = old.get("key") == key and old.get("status") == "done" and out_ckpt.is_dir()
         label = f"stage {i + 1}/{len(self.recipe.stages)} {stage.stage}"
+        self._step = f"stage {i + 1}/{len(self.recipe.stages)} ({stage.stage})"
+        done = old.get("key") == key and old.get("status") == "done" and _intact(out_ckpt, label)
         if done:
             log.info("%s: finished earlier with the same input and options (skipped)", label)
             entry = old
@@ -282,14 +348,15 @@ class Pipeline:
                 calibration_batches=self._calibration(),
                 load_parent=lambda: self._load(self._parent_dir()),
                 log=logging.getLogger(f"lmpress.{stage.stage}"),
+                progress=self.progress,
             )
             torch.manual_seed(self.recipe.seed)
             try:
-                bundle = stage.apply(bundle_in, ctx)
-            except LmpressError as e:  # name the recipe field: stages[i].<option>
-                raise LmpressError(*[f"stages[{i}].{p}" for p in e.problems]) from e
-            bundle = bundle.evolve(stage.stage, stage.config_hash())
-            save_checkpoint(bundle.model, bundle.tokenizer, out_ckpt)
+                bundle = self._apply(i, stage, bundle_in, ctx)
+                save_checkpoint(bundle.model, bundle.tokenizer, out_ckpt)
+            except Exception as e:
+                self._record_failure(manifest, entry, e)
+                raise
             entry.update(
                 status="done",
                 seconds=round(time.perf_counter() - t0, 2),
@@ -309,6 +376,22 @@ class Pipeline:
             self._save(manifest)
         return bundle, out_ckpt
 
+    def _apply(self, i: int, stage: StageConfig, bundle: Bundle, ctx: StageContext) -> Bundle:
+        try:
+            out = stage.apply(bundle, ctx)
+        except LmpressError as e:  # name the recipe field: stages[i].<option>
+            raise LmpressError(*[f"stages[{i}].{p}" for p in e.problems]) from e
+        return out.evolve(stage.stage, stage.config_hash())
+
+    def _record_failure(self, manifest: dict, entry: dict, e: Exception) -> None:
+        """Say in the manifest why the stage stopped; best effort (the disk may be full)."""
+        text = str(e).strip()
+        entry.update(status="failed", error=text.splitlines()[0] if text else type(e).__name__)
+        try:
+            self._save(manifest)
+        except (OSError, LmpressError):
+            pass
+
     def _export(self, ckpt: Path, key: str, old: dict) -> dict:
         out = self.run_dir / "export"
         if old.get("key") == key and out.is_dir():
@@ -318,8 +401,21 @@ class Pipeline:
             for f in ckpt.iterdir():
                 if f.is_file() and f.name != "lmpress_demo.json":
                     shutil.copy2(f, tmp / f.name)
+            scrub_metadata(tmp, [str(ckpt.resolve())])  # the parent itself when no stage ran
         log.info("export: %s", out)
         return {"key": key, "path": str(out), "source": str(ckpt)}
+
+
+def _intact(ckpt: Path, label: str) -> bool:
+    """A finished stage's checkpoint is reused only if it is all there (headers checked)."""
+    if not ckpt.is_dir():
+        return False
+    try:
+        check_checkpoint_dir(ckpt)
+    except LmpressError as e:
+        log.warning("%s: checkpoint damaged, running the stage again (%s)", label, e.problems[0])
+        return False
+    return True
 
 
 def _relative_to_parent(metrics: dict, parent: dict) -> None:

@@ -63,7 +63,9 @@ class Calibration(Strict):
     """Text that stages calibrate on (router statistics, KV scales, scoring, healing)."""
 
     source: Literal["offline", "files", "dataset"] = "offline"
-    files: list[str] = Field(default_factory=list, description=".txt or .jsonl files")
+    files: list[str] = Field(
+        default_factory=list, description=".txt or .jsonl files, or directories of them"
+    )
     dataset: DatasetSource | None = None
     text_key: str = "text"
     num_samples: int = Field(64, ge=1, description="sequences of seq_len tokens")
@@ -73,7 +75,7 @@ class Calibration(Strict):
     @field_validator("files")
     @classmethod
     def _files_exist(cls, v: list[str]) -> list[str]:
-        missing = [f for f in v if not Path(f).expanduser().is_file()]
+        missing = [f for f in v if not Path(f).expanduser().exists()]
         if missing:
             raise ValueError(f"file not found: {missing[0]}")
         return v
@@ -218,8 +220,13 @@ def parse_stage(i: int, raw: Any) -> tuple[StageConfig | None, list[str]]:
         return None, format_errors(e, ("stages", i))
 
 
-def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
-    """Validate a recipe mapping; raise LmpressError listing every problem."""
+def parse_recipe(data: Any, source: str = "recipe", preflight: bool = True) -> Recipe:
+    """Validate a recipe mapping; raise LmpressError listing every problem.
+
+    With `preflight`, also what the schema cannot see: the parent checkpoint's files, config and
+    tokenizer, the calibration files, and every stage against the model (`lmpress.preflight`;
+    headers and config files only, no weights), so a recipe fails in seconds, not hours.
+    """
     if not isinstance(data, dict):
         raise LmpressError(f"{source}: the recipe must be a YAML mapping")
     problems: list[str] = []
@@ -235,6 +242,8 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
             stage, errs = parse_stage(i, raw)
             problems += errs
             stages.append(stage)
+    if preflight:
+        problems += _preflight(data, stages)
     if recipe is not None and not problems:
         from lmpress.evaluate.harness import unknown_tasks
 
@@ -244,6 +253,21 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         raise LmpressError(*problems)
     recipe.stages = stages
     return recipe
+
+
+def _preflight(data: dict, stages: list[StageConfig | None]) -> list[str]:
+    """Pre-flight on whatever parts of the recipe are valid, so one pass reports everything."""
+    from lmpress.preflight import check
+
+    try:
+        model = ModelSource.model_validate(data.get("model"))
+    except ValidationError:
+        return []  # reported by the schema; nothing to check the stages against
+    try:
+        calibration = Calibration.model_validate(data.get("calibration") or {})
+    except ValidationError:
+        calibration = None
+    return check(model, calibration, stages)
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -79,19 +79,46 @@ def test_pickle_only_checkpoint_is_refused_with_how_to_allow(tiny_checkpoint, tm
     out = lmpress("eval", str(ckpt), "--quiet")
     assert out.returncode == 2
     assert "pickle" in out.stderr and "allow_pickle: true" in out.stderr
+    assert "--allow-pickle" in out.stderr
+    allowed = lmpress(
+        "eval", str(ckpt), "--allow-pickle", "--tasks", "stdlib_bpb", "--limit", "1",
+        "--max-length", "32", "--device", "cpu", "--quiet",
+    )  # fmt: skip
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+    assert math.isfinite(json.loads(allowed.stdout)["stdlib_bpb"]["bits_per_byte"])
 
 
 def test_bench_writes_every_serving_metric(tiny_checkpoint, tmp_path):
     target = tmp_path / "bench.json"
     out = lmpress(
-        "bench", str(tiny_checkpoint), "--requests", "4", "--concurrency", "2", "--efforts", "2,5",
-        "--repeats", "2", "--warmup", "0", "--device", "cpu", "--output", str(target), "--quiet",
+        "bench",
+        str(tiny_checkpoint),
+        "--requests",
+        "4",
+        "--concurrency",
+        "2",
+        "--efforts",
+        "2,5",
+        "--repeats",
+        "2",
+        "--warmup",
+        "0",
+        "--device",
+        "cpu",
+        "--output",
+        str(target),
+        "--quiet",
     )
     assert out.returncode == 0, out.stderr
     result = json.loads(target.read_text())
     m = result["metrics"]
-    for name in ("request_throughput", "output_throughput", "total_token_throughput",
-                 "request_efficiency", "mean_generated_tokens"):
+    for name in (
+        "request_throughput",
+        "output_throughput",
+        "total_token_throughput",
+        "request_efficiency",
+        "mean_generated_tokens",
+    ):
         assert m[name]["mean"] > 0 and m[name]["min"] <= m[name]["mean"] <= m[name]["max"]
     for t in ("ttft", "tpot", "itl", "e2el"):
         for stat in ("mean", "median", "p90", "p99"):

@@ -215,8 +215,12 @@ def test_measure_result_is_json_and_spreads(gpt_oss, tok, prompts):
     assert "output_ids" not in res.to_dict(include_outputs=False)
     assert d["workload"]["num_prompts"] == len(prompts) and "prompts" not in d["workload"]
     assert d["environment"]["torch_threads"] == torch.get_num_threads()
+    # parameters and persistent buffers, as a checkpoint holds them (rotary inv_freq is neither)
     assert d["memory"]["weight_bytes"] == sum(p.numel() * 4 for p in gpt_oss.parameters()) + sum(
-        b.numel() * b.element_size() for b in gpt_oss.buffers()
+        b.numel() * b.element_size()
+        for m in gpt_oss.modules()
+        for name, b in m._buffers.items()
+        if b is not None and name not in m._non_persistent_buffers_set
     )
     for s in res.metrics.values():
         assert s.min <= s.mean <= s.max and s.std >= 0

@@ -1,8 +1,14 @@
-"""Calibration batches: fixed-length token windows drawn reproducibly from the recipe's text."""
+"""Calibration batches: fixed-length token windows drawn reproducibly from the recipe's text.
+
+`calibration.files` may name `.txt`/`.jsonl` files or directories of them; `check_calibration`
+finds an empty or malformed corpus before any model is loaded, reading only until the first text.
+"""
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import torch
 
@@ -15,13 +21,76 @@ from lmpress.data.corpus import (
 )
 from lmpress.errors import LmpressError
 
+FIELD = "calibration.files"
+TEXT_SUFFIXES = (".txt", ".jsonl")
+_PROBE_BYTES = 1 << 16
+
+
+def calibration_files(files: list[str], field: str = FIELD) -> list[Path]:
+    """The listed files, each directory replaced by its .txt/.jsonl files (sorted, recursive)."""
+    out: list[Path] = []
+    for i, name in enumerate(files):
+        path = Path(name).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
+            if not found:
+                raise LmpressError(f"{field}[{i}]: directory {path} holds no .txt or .jsonl files")
+            out += found
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise LmpressError(f"{field}[{i}]: file not found: {path}")
+    return out
+
+
+def check_calibration(cal) -> list[str]:
+    """Problems with local calibration files, found cheaply: missing files, directories with no
+    text files, malformed JSONL, or no text at all. Other sources are checked when read."""
+    if cal.source != "files":
+        return []
+    try:
+        paths = calibration_files(cal.files)
+    except LmpressError as e:
+        return e.problems
+    problems, has_text = [], False
+    for path in paths:
+        try:
+            has_text |= _has_text(path, cal.text_key)
+        except LmpressError as e:
+            problems += e.problems
+    if not problems and not has_text:
+        problems.append(f"{FIELD}: the files hold no text (all {len(paths)} are blank)")
+    return problems
+
+
+def _has_text(path: Path, text_key: str) -> bool:
+    """True when the file holds some non-blank text; JSONL: its first record is checked."""
+    with path.open("r", encoding="utf-8", errors="replace") as f:
+        if path.suffix != ".jsonl":
+            while chunk := f.read(_PROBE_BYTES):
+                if chunk.strip():
+                    return True
+            return False
+        for n, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)[text_key]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise LmpressError(
+                    f"{FIELD}: {path} line {n + 1} is not JSON with a '{text_key}' string"
+                ) from e
+            if str(text).strip():
+                return True
+        return False
+
 
 def calibration_documents(cal) -> list[Document]:
     """The recipe's calibration text. Offline text uses the *train* split only."""
     if cal.source == "offline":
         return split_documents(stdlib_documents())[0]
     if cal.source == "files":
-        return read_text_files(cal.files, field="calibration.files", text_key=cal.text_key)
+        return read_text_files(calibration_files(cal.files), field=FIELD, text_key=cal.text_key)
     ds = cal.dataset
     return hf_dataset_documents(ds.name, ds.config, ds.split, cal.text_key)
 

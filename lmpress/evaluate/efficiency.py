@@ -193,9 +193,11 @@ def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, w: Work
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of parameters and buffers as stored (quantized tensors count at their packed size)."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """Bytes of the weights as stored: parameters, persistent buffers and bitsandbytes'
+    quantization state, tied tensors once (what the checkpoint holds)."""
+    from lmpress.compress.quantize import quantized_weight_bytes
+
+    return quantized_weight_bytes(model)
 
 
 def kv_bytes_for_context(model: torch.nn.Module, tokens: int, bytes_per_element: int) -> int:

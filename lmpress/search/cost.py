@@ -197,8 +197,15 @@ def analytic_costs(
 
 
 def _tensors(module: nn.Module) -> list[Tensor]:
-    """Parameters (tied ones once) and buffers."""
-    return [*module.parameters(), *module.buffers()]
+    """Parameters (tied ones once) and persistent buffers: what a checkpoint stores, as
+    `weight_bytes` counts it (rotary `inv_freq` and the like are recomputed, not stored)."""
+    buffers = [
+        b
+        for m in module.modules()
+        for name, b in m._buffers.items()
+        if b is not None and name not in m._non_persistent_buffers_set
+    ]
+    return [*module.parameters(), *buffers]
 
 
 def _size(t: Tensor, weight_dtype: torch.dtype | None) -> int:

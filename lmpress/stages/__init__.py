@@ -5,12 +5,14 @@ from __future__ import annotations
 from lmpress.stages.base import StageConfig, StageContext
 from lmpress.stages.kv_fp8 import KVCacheFP8
 from lmpress.stages.prune_experts import PruneExperts
+from lmpress.stages.quantize_weights import QuantizeWeights
 from lmpress.stages.window_attention import WindowAttention
 
 STAGES: dict[str, type[StageConfig]] = {
     "prune_experts": PruneExperts,
     "window_attention": WindowAttention,
     "kv_fp8": KVCacheFP8,
+    "quantize_weights": QuantizeWeights,
 }
 
 __all__ = ["STAGES", "StageConfig", "StageContext"]

@@ -1,9 +1,11 @@
 """What every stage shares: its pydantic config is the stage, `apply` does the work.
 
 A stage is a small pydantic model whose fields are its recipe options, with a `stage` literal
-naming it, and an `apply(bundle, ctx) -> Bundle` method. `StageContext` carries what a stage
-may need from the run (device, calibration data, its own work directory, the parent model)
-so that no stage reaches into another's files.
+naming it, and an `apply(bundle, ctx) -> Bundle` method. `preflight(config, tokenizer)` finds,
+from the config alone, the problems `apply` would hit hours later (a layer index past the model,
+an MoE option on a dense model), so a recipe fails before any weights are loaded.
+`StageContext` carries what a stage may need from the run (device, calibration data, its own
+work directory, the parent model) so that no stage reaches into another's files.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
+from transformers import PreTrainedConfig
 
 from lmpress.bundle import Bundle
 
@@ -37,6 +40,38 @@ class StageConfig(BaseModel):
     def apply(self, bundle: Bundle, ctx: StageContext) -> Bundle:  # pragma: no cover
         raise NotImplementedError
 
+    def preflight(
+        self, config: PreTrainedConfig, tokenizer: TokenizerInfo | None = None
+    ) -> list[str]:
+        """Problems `apply` would hit on a model with this config, found without its weights.
+
+        One line each, starting with the option at fault (`keep_experts: ...`; `stage: ...`
+        when the stage itself cannot run on this model); the pipeline prefixes `stages[i].`.
+        `config` is the parent's, updated by earlier stages' `expected_config`.
+        """
+        return []
+
+    def expected_config(self, config: PreTrainedConfig) -> PreTrainedConfig:
+        """The config this stage's output will have, as far as the options alone say, for the
+        preflight of later stages. Default: unchanged (an upper bound for stages that shrink)."""
+        return config
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """What preflight knows of the tokenizer without loading the model."""
+
+    vocab_size: int  # len(tokenizer): every id it can produce, added tokens included
+
+
+def config_adapter(config: PreTrainedConfig):
+    """The MoE family adapter for a config (adapters pick by `model_type` only)."""
+    from types import SimpleNamespace
+
+    from lmpress.models.adapters import adapter_for
+
+    return adapter_for(SimpleNamespace(config=config))
+
 
 @dataclass
 class StageContext:
@@ -47,3 +82,4 @@ class StageContext:
     load_parent: Callable[[], Bundle]
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("lmpress.stage"))
     summary: dict[str, Any] = field(default_factory=dict)
+    progress: bool = True  # progress bars (off with --quiet)

@@ -13,7 +13,9 @@ from lmpress.compress.kv_cache import (
     enable_fp8_kv,
     kv_bytes_per_token,
 )
-from lmpress.stages.base import StageConfig, StageContext
+from lmpress.stages.base import StageConfig, StageContext, TokenizerInfo
+
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
 
 class KVCacheFP8(StageConfig):
@@ -30,7 +32,10 @@ class KVCacheFP8(StageConfig):
         model = bundle.model
         before = kv_bytes_per_token(model, model.dtype)
         scales = calibrate_kv_scales(
-            model, ctx.calibration_batches(bundle.tokenizer), per_head=self.per_head
+            model,
+            ctx.calibration_batches(bundle.tokenizer),
+            per_head=self.per_head,
+            progress=ctx.progress,
         )
         enable_fp8_kv(model, scales)
         ctx.summary.update(
@@ -40,3 +45,27 @@ class KVCacheFP8(StageConfig):
             v_scale_max=float(scales.v_scale.max()),
         )
         return bundle
+
+    def preflight(self, config, tokenizer: TokenizerInfo | None = None) -> list[str]:
+        """A decoder whose every layer keeps a K/V cache of the kinds the FP8 cache implements
+        (full, sliding, chunked attention); state-space and linear-attention layers have none."""
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        text = config.get_text_config(decoder=True)
+        what = f"model_type '{config.model_type}'"
+        if not getattr(text, "num_attention_heads", None):
+            return [f"stage: kv_fp8 needs attention layers with a KV cache; {what} has none"]
+        layer_types, _ = get_layer_types_and_kwargs(text)
+        other = sorted({t for t in layer_types if t not in SUPPORTED_LAYER_TYPES})
+        if other:
+            layers = [i for i, t in enumerate(layer_types) if t in other]
+            return [
+                f"stage: kv_fp8 needs a K/V cache in every layer; {what} has {', '.join(other)} "
+                f"layers ({_some(layers)}), which FP8 KV caching does not support"
+            ]
+        return []
+
+
+def _some(items: list[int], n: int = 4) -> str:
+    shown = ", ".join(map(str, items[:n]))
+    return f"{shown}{', …' if len(items) > n else ''}"

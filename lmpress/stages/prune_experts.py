@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
+import copy
 from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
 
+from lmpress import atomic
 from lmpress.bundle import Bundle
 from lmpress.compress.experts import (
     allocate_keep_counts,
@@ -19,7 +20,7 @@ from lmpress.compress.experts import (
 )
 from lmpress.errors import LmpressError
 from lmpress.models.adapters import adapter_for
-from lmpress.stages.base import StageConfig, StageContext
+from lmpress.stages.base import StageConfig, StageContext, TokenizerInfo, config_adapter
 
 
 class PruneExperts(StageConfig):
@@ -52,7 +53,9 @@ class PruneExperts(StageConfig):
         model = bundle.model
         adapter = adapter_for(model)
         batches = ctx.calibration_batches(bundle.tokenizer)
-        stats = collect_expert_stats(model, batches, adapter, reap=self.score == "reap")
+        stats = collect_expert_stats(
+            model, batches, adapter, reap=self.score == "reap", progress=ctx.progress
+        )
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
         _save_stats(stats.state_dict(), ctx.work_dir / "expert_stats.pt")
         scores = expert_scores(stats, self.score)
@@ -68,6 +71,53 @@ class PruneExperts(StageConfig):
             weight_bytes_after=weight_bytes(model),
         )
         return bundle
+
+    def preflight(self, config, tokenizer: TokenizerInfo | None = None) -> list[str]:
+        """An MoE family lmpress can prune, and counts each layer can keep: at least top_k (a
+        token is routed to top_k experts), at most the experts it has."""
+        try:
+            experts = config_experts(config)
+        except LmpressError as e:
+            return [f"stage: prune_experts needs a supported MoE model; {e.problems[0]}"]
+        top_k = int(getattr(config, "num_experts_per_tok", 1) or 1)
+        if self.keep_ratio is not None:  # the allocation itself, on flat scores, checks budgets
+            flat = {i: torch.ones(n) for i, n in experts.items()}
+            try:
+                allocate_keep_counts(
+                    flat, self.keep_ratio, self.min_keep, self.multiple_of, top_k=top_k
+                )
+            except LmpressError as e:
+                return e.problems
+            return []
+        if isinstance(self.keep_experts, int):
+            counts = {("keep_experts", i): self.keep_experts for i in experts}
+        elif len(self.keep_experts) != len(experts):
+            return [
+                f"keep_experts: {len(self.keep_experts)} counts given, the model has "
+                f"{len(experts)} MoE layers"
+            ]
+        else:
+            counts = {
+                (f"keep_experts[{j}]", i): n
+                for j, (i, n) in enumerate(zip(experts, self.keep_experts, strict=True))
+            }
+        problems = [
+            f"{where}: layer {i} must keep ≥ top_k ({top_k}) and ≤ its {experts[i]} experts, "
+            f"got {n}"
+            for (where, i), n in counts.items()
+            if not top_k <= n <= experts[i]
+        ]
+        return problems[:1] if isinstance(self.keep_experts, int) else problems
+
+    def expected_config(self, config):
+        """A uniform `keep_experts` is known now; other budgets are decided by the scores."""
+        if not isinstance(self.keep_experts, int):
+            return config
+        out = copy.deepcopy(config)
+        setattr(out, config_adapter(config).config_num_experts, self.keep_experts)
+        for block in getattr(out, "block_configs", None) or []:
+            block["num_local_experts"] = self.keep_experts
+        return out
 
     def _keep_counts(self, scores: dict, top_k: dict[int, int]) -> dict[int, int]:
         layers = sorted(scores)
@@ -85,8 +135,21 @@ class PruneExperts(StageConfig):
         return dict(zip(layers, self.keep_experts, strict=True))
 
 
+def config_experts(config) -> dict[int, int]:
+    """MoE layer index -> expert count, as the config describes the model (a gpt_oss_puzzle
+    config per block; Qwen3-MoE leaves out `mlp_only_layers` and layers off the sparse step)."""
+    adapter = config_adapter(config)
+    blocks = getattr(config, "block_configs", None)
+    if blocks:
+        counts = [int(b["num_local_experts"]) for b in blocks]
+    else:
+        counts = [int(getattr(config, adapter.config_num_experts))] * config.num_hidden_layers
+    dense = set(getattr(config, "mlp_only_layers", None) or [])
+    step = int(getattr(config, "decoder_sparse_step", 1) or 1)
+    return {i: n for i, n in enumerate(counts) if n and i not in dense and (i + 1) % step == 0}
+
+
 def _save_stats(state: dict, path) -> None:
     """Keep the calibration statistics for later stages (puzzle search) and for inspection."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic.file(path) as tmp:
+        torch.save(state, tmp)
