@@ -235,6 +235,58 @@ def bench(
     _write_json(output, {"comparison": comparison.to_dict(), "frontiers": fronts})
 
 
+@app.command()
+def search(
+    run_dir: Annotated[Path, typer.Argument(help="run directory of a recipe with puzzle_search")],
+    worker: Annotated[
+        bool, typer.Option(help="evaluate trials of the run's study in this process")
+    ] = False,
+    recover: Annotated[
+        bool, typer.Option(help="fail and re-enqueue trials left running by killed workers")
+    ] = False,
+    trials: Annotated[
+        int | None, typer.Option(help="stop when the study holds this many (default: recipe's)")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="this worker's sampler seed")] = None,
+    device: DeviceOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Join a run's Optuna study from another process or machine (--worker), or clean up after
+    killed workers (--recover, only while no worker is alive)."""
+    if worker == recover:
+        raise LmpressError("lmpress search: give exactly one of --worker or --recover")
+    _at_least(("--trials", trials, 1))
+    _setup_logging(quiet)
+    from lmpress.search.workers import recover as recover_trials
+    from lmpress.stages.puzzle_search import join_study, study_dir
+
+    if recover:
+        n = recover_trials(study_dir(run_dir))
+        typer.echo(f"{n} orphaned trial(s) failed and re-enqueued")
+        return
+    n = join_study(run_dir, n_trials=trials, seed=seed, device=device, progress=not quiet)
+    typer.echo(f"{n} trial(s) evaluated by this worker")
+
+
+@app.command()
+def dashboard(
+    run_dir: Annotated[Path, typer.Argument(help="run directory that holds a search study")],
+    storage: Annotated[
+        str | None, typer.Option(help="study storage URL when it is not the run's own")
+    ] = None,
+    host: Annotated[
+        str, typer.Option(help="address to serve on (loopback unless you open it)")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to serve on")] = 8080,
+) -> None:
+    """Open the run's Optuna study in optuna-dashboard (http://127.0.0.1:8080 by default)."""
+    from lmpress.search.workers import dashboard as serve
+    from lmpress.stages.puzzle_search import study_dir
+
+    work = run_dir if (run_dir / "study.json").is_file() or storage else study_dir(run_dir)
+    serve(work, storage=storage, host=host, port=port)
+
+
 def _frontier_table(fronts: dict[str, list[dict]]) -> str:
     first = next(iter(fronts.values()))
     lines = ["", "model | effort | accuracy | req/s | tok/request | relative request rate"]

@@ -7,6 +7,7 @@ from pathlib import Path
 from lmpress import atomic
 
 HEADLINE = [("stdlib_bpb", "bits_per_byte", "bits/byte ↓"), ("stdlib_mc", "acc", "next-line acc ↑")]
+PREFERRED = ("bits_per_byte", "acc")  # other tasks: the comparable number first
 
 
 def _metric(metrics: dict | None, task: str, name: str) -> str:
@@ -114,10 +115,8 @@ def _labelled(manifest: dict):
 
 def _first_metric(metrics: dict | None, task: str) -> str:
     row = (metrics or {}).get("lm_eval", {}).get(task, {})
-    for name, value in row.items():
-        if name != "sample_len":
-            return f"{name} {value:.4f}"
-    return "–"
+    names = [n for n in PREFERRED if n in row] + [n for n in row if n != "sample_len"]
+    return f"{names[0]} {row[names[0]]:.4f}" if names else "–"
 
 
 def write_report(manifest: dict, run_dir: Path) -> Path:

@@ -16,7 +16,10 @@ def lmpress(*args, env=None):
     )
 
 
-@pytest.mark.parametrize("cmd", [[], ["run"], ["eval"], ["validate"], ["demo"], ["demo", "build"]])
+@pytest.mark.parametrize(
+    "cmd",
+    [[], ["run"], ["eval"], ["validate"], ["demo"], ["demo", "build"], ["search"], ["dashboard"]],
+)
 def test_every_command_has_help(cmd):
     out = lmpress(*cmd, "--help")
     assert out.returncode == 0, out.stderr
@@ -55,6 +58,10 @@ def test_eval_prints_finite_metrics_and_writes_json(tiny_checkpoint, tmp_path):
         (["eval", "CKPT", "--device", "cuda:7"], "error: --device: 'cuda:7' asked for"),
         (["eval", "CKPT", "--dtype", "int3"], "error: --dtype: must be one of"),
         (["demo", "build", "nope"], "error: unknown demo parent 'nope'"),
+        (["search", "/no/run"], "error: lmpress search: give exactly one of --worker"),
+        (["search", "/no/run", "--worker"], "error: /no/run: no puzzle_search study here"),
+        (["search", "/no/run", "--recover"], "error: /no/run: no puzzle_search study here"),
+        (["dashboard", "/no/run"], "error: /no/run: no puzzle_search study here"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(tiny_checkpoint, args, expected):

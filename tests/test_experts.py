@@ -19,9 +19,9 @@ from lmpress.compress.experts import (
     prune_experts,
     ranked_choice_ranks,
     select_experts,
-    weight_bytes,
 )
 from lmpress.errors import LmpressError
+from lmpress.evaluate.efficiency import weight_bytes
 from lmpress.models.adapters import adapter_for
 
 BATCHES = [tokens(seed=1), tokens(seed=2, batch=3, seq=9, pad=5)]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
+from conftest import tiny_gpt_oss
 
 from lmpress.evaluate.harness import evaluate
 from lmpress.evaluate.offline_tasks import load_task_docs
-from tests.conftest import tiny_gpt_oss
 
 
 def test_offline_task_data_is_held_out_and_well_formed():

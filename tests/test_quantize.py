@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_gpt_oss
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM
@@ -24,7 +25,6 @@ from lmpress.export import save_checkpoint
 from lmpress.load import load_checkpoint
 from lmpress.recipe import parse_stage
 from lmpress.stages import StageContext
-from tests.conftest import tiny_gpt_oss
 
 bnb = pytest.importorskip("bitsandbytes")
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_gpt_oss
 
 from lmpress.bundle import Bundle
 from lmpress.errors import LmpressError
 from lmpress.recipe import parse_stage
 from lmpress.stages import StageContext
-from tests.conftest import tiny_gpt_oss
 
 
 def ctx(tmp_path, batches=None):

@@ -111,7 +111,9 @@ def test_a_token_spelt_by_one_old_token_gets_its_row_from_the_local_estimate(old
     new = _toy_tokenizer(plain_added=["<|end|>"])
     model = tiny_llama(old_tok)
     old_in, old_out = embeddings(model)
-    transplant_embeddings(model, old_tok, new, global_weight=0.0)
+    report = {}
+    transplant_embeddings(model, old_tok, new, global_weight=0.0, report=report)
+    assert report["local"] == report["unique"] and report["hybrid"] == 0
     new_in, new_out = embeddings(model)
     new_id, old_id = new.convert_tokens_to_ids("<|end|>"), old_tok.convert_tokens_to_ids("<|end|>")
     assert new_id not in shared_tokens(token_keys(old_tok), token_keys(new))

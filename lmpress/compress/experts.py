@@ -403,7 +403,7 @@ def prune_experts(
     plan = {i: _keep_index(i, idx, blocks, adapter) for i, idx in keep.items()}  # check all first
     with torch.no_grad():
         for i, idx in plan.items():
-            _prune_block(adapter, blocks[i], idx)
+            prune_block(adapter, blocks[i], idx)
     counts = {i: adapter.num_experts(b) for i, b in blocks.items()}
     _update_config(model, adapter, counts)
     return counts
@@ -426,7 +426,8 @@ def _keep_index(
     return idx.sort().values
 
 
-def _prune_block(adapter: MoeAdapter, moe: nn.Module, idx: Tensor) -> None:
+def prune_block(adapter: MoeAdapter, moe: nn.Module, idx: Tensor) -> None:
+    """Keep experts `idx` (sorted) of one MoE block in place: router rows, bias, expert tensors."""
     router = adapter.router(moe)
     _select(router, "weight", 0, idx)  # [E, H] -> [k, H]
     if adapter.router_bias(moe) is not None:
@@ -461,11 +462,6 @@ def expert_counts(model: nn.Module, adapter: MoeAdapter | None = None) -> dict[i
     """Experts per MoE layer, read from the modules (layers may differ)."""
     adapter = adapter or adapter_for(model)
     return {i: adapter.num_experts(b) for i, b in adapter.moe_layers(model).items()}
-
-
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of all parameters (tied ones once): what pruning saves in memory."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def _positive(value: int, name: str) -> int:

@@ -1,13 +1,19 @@
 """Data for lmpress's offline lm-eval tasks, generated from held-out standard-library text.
 
-Two tasks, defined as lm-eval YAML in `lmpress/evaluate/tasks/`:
+Tasks, defined as lm-eval YAML in `lmpress/evaluate/tasks/`:
 - `stdlib_bpb` (loglikelihood_rolling): bits per byte on held-out passages; comparable across
   tokenizers because it divides by bytes, not tokens.
+- `stdlib_code_bpb`: the same on held-out Python source files only (the target domain of a
+  code tokenizer; `code_documents` of the train side is what such a tokenizer trains on).
 - `stdlib_mc` (multiple_choice): pick the true next line of a held-out passage among
   distractor lines with the same indentation taken from other held-out documents.
   The shared indentation, all but its last space, ends the context: byte-level BPE
   pre-tokenizes "\n" + indentation as one token and the last space with the next word, so
   cutting there gives the model the token boundary it saw in training.
+- `stdlib_mc_whole`: the same items scored as whole passages (the context's last lines +
+  candidate, one log-likelihood each). lm-eval's multiple choice encodes context and continuation
+  apart, which breaks any token that crosses the cut (Supertokens span whitespace); scoring
+  the whole text under the model's own segmentation is fair to every tokenizer.
 
 The documents come from the validation side of the same document-level split the demo parent
 is trained on, so no task text was seen in training. Data are written once per corpus version
@@ -27,7 +33,9 @@ from lmpress.cache import cache_dir
 from lmpress.data.corpus import Document, split_documents, stdlib_documents
 
 TASKS_DIR = Path(__file__).parent / "tasks"
-OFFLINE_TASKS = ("stdlib_bpb", "stdlib_mc")
+OFFLINE_TASKS = ("stdlib_bpb", "stdlib_code_bpb", "stdlib_mc", "stdlib_mc_whole")
+DATA_FILES = ("stdlib_bpb", "stdlib_code_bpb", "stdlib_mc")  # stdlib_mc_whole reads stdlib_mc
+CODE_PREFIX = "src:"  # corpus.stdlib_documents names source files src:<path>
 DATA_VERSION = 2
 VAL_FRACTION = 0.1
 PASSAGE_CHARS = 1500
@@ -43,7 +51,7 @@ def task_data_dir() -> Path:
     """Where the task data for this Python's standard library live (built on first use)."""
     key = hashlib.sha256(f"{DATA_VERSION}:{sys.version}".encode()).hexdigest()[:12]
     path = cache_dir() / "tasks" / f"stdlib-{key}"
-    if not (path / "stdlib_mc.jsonl").is_file():
+    if not all((path / f"{name}.jsonl").is_file() for name in DATA_FILES):
         _, val = split_documents(stdlib_documents(), VAL_FRACTION)
         write_task_data(val, path)
     return path
@@ -53,6 +61,18 @@ def write_task_data(val_docs: list[Document], path: Path, seed: int = 0) -> None
     with atomic.directory(path) as tmp:
         _write_jsonl(tmp / "stdlib_bpb.jsonl", bpb_passages(val_docs, seed))
         _write_jsonl(tmp / "stdlib_mc.jsonl", mc_items(val_docs, seed))
+        _write_jsonl(tmp / "stdlib_code_bpb.jsonl", bpb_passages(code_documents(val_docs), seed))
+
+
+def code_documents(docs: list[Document]) -> list[Document]:
+    """The Python source files among `docs` (not the documentation topics)."""
+    return [d for d in docs if d.id.startswith(CODE_PREFIX)]
+
+
+def train_documents(code_only: bool = False) -> list[Document]:
+    """The train side of the split the task data are held out from (never a task document)."""
+    train, _ = split_documents(stdlib_documents(), VAL_FRACTION)
+    return code_documents(train) if code_only else train
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -46,10 +46,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from lmpress.compress.kv_cache import kv_layout
+from lmpress.compress.kv_cache import cache_bytes, dense_cache, kv_layout
 from lmpress.errors import LmpressError
 from lmpress.evaluate.efficiency import weight_bytes
 from lmpress.models.adapters import MoeAdapter, adapter_for
@@ -509,17 +509,10 @@ def _parent_cost(
     params = inspect.signature(model.forward).parameters
     extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
     rows = ids[torch.arange(batch, device=device) % ids.shape[0]]  # [batch, context]
-    cache = DynamicCache(config=model.config)
+    cache = dense_cache(model)  # a puzzle parent's sliding layers each at their own window
     ones = torch.ones_like(rows)
     model(input_ids=rows, attention_mask=ones, use_cache=True, **{cache_arg: cache}, **extra)
-    kv_bytes = (
-        sum(
-            t.numel() * t.element_size()
-            for layer in cache.layers
-            for t in (layer.keys, layer.values)
-        )
-        / batch
-    )
+    kv_bytes = cache_bytes(cache) / batch
     states = [dict(vars(layer)) for layer in cache.layers]
     step = {
         "input_ids": rows[:, -1:],
@@ -536,7 +529,7 @@ def _parent_cost(
 
     decode = timer(lambda r: model(**step), rewind)
     prompt = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": True, **extra}
-    caches = [DynamicCache(config=model.config) for _ in range(timer.warmup + timer.repeats)]
+    caches = [dense_cache(model) for _ in range(timer.warmup + timer.repeats)]
     prefill = timer(lambda r: model(**prompt, **{cache_arg: caches[r]}))
     return {
         "weight_bytes": float(weight_bytes(model)),

@@ -25,9 +25,9 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from lmpress.compress.attention import apply_windows, layer_windows
 from lmpress.compress.experts import (
-    _prune_block,
     collect_expert_stats,
     expert_scores,
+    prune_block,
     prune_experts,
     select_experts,
 )
@@ -361,5 +361,5 @@ def pruned_moe(moe: nn.Module, keep: Sequence[int] | Tensor, adapter: MoeAdapter
     if idx.numel() < adapter.top_k(moe) or idx.unique().numel() != idx.numel() or idx.max() >= n:
         raise LmpressError(f"keep_experts: cannot keep experts {idx.tolist()} of {n}")
     with torch.no_grad():
-        _prune_block(adapter, block, idx)
+        prune_block(adapter, block, idx)
     return block

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from lmpress.stages.base import StageConfig, StageContext
+from lmpress.stages.heal import Heal
 from lmpress.stages.kv_fp8 import KVCacheFP8
 from lmpress.stages.prune_experts import PruneExperts
+from lmpress.stages.puzzle_search import PuzzleSearch
 from lmpress.stages.quantize_weights import QuantizeWeights
+from lmpress.stages.transplant_tokenizer import TransplantTokenizer
 from lmpress.stages.window_attention import WindowAttention
 
 STAGES: dict[str, type[StageConfig]] = {
@@ -13,6 +16,9 @@ STAGES: dict[str, type[StageConfig]] = {
     "window_attention": WindowAttention,
     "kv_fp8": KVCacheFP8,
     "quantize_weights": QuantizeWeights,
+    "transplant_tokenizer": TransplantTokenizer,
+    "puzzle_search": PuzzleSearch,
+    "heal": Heal,
 }
 
 __all__ = ["STAGES", "StageConfig", "StageContext"]

@@ -16,9 +16,9 @@ from lmpress.compress.experts import (
     expert_scores,
     prune_experts,
     select_experts,
-    weight_bytes,
 )
 from lmpress.errors import LmpressError
+from lmpress.evaluate.efficiency import weight_bytes
 from lmpress.models.adapters import adapter_for
 from lmpress.stages.base import StageConfig, StageContext, TokenizerInfo, config_adapter
 

@@ -2,18 +2,26 @@
 
 Plain BPE splits text with the GPT-2 regex before merging, so no token crosses a word.
 Supertokens (TokenAdapt paper, Tinycompany-AI/SuperTokenizer) let BPE learn multi-word tokens:
-during training the text is cut into random character chunks (4-23 chars, peaking at 12-13,
-ignoring whitespace) and merges never cross a chunk boundary; at inference there is no
-pre-tokenization at all, so the learnt merges run over the whole string. The reference code
-glues the chunks with a separator and a `Split(sep, "removed")` pre-tokenizer; we hand each
-chunk to the trainer as its own sequence instead, which trains the same merges without a
-separator that could collide with the text. Both variants are byte-level (any text encodes,
-and `decode(encode(x)) == x` exactly) and take the same `vocab_size`, special tokens included,
-so their compression compares fairly.
+during training the text is cut into chunks and merges never cross a chunk boundary; at
+inference there is no pre-tokenization at all, so the learnt merges run over the whole string.
+Two chunkings:
+- "chars" (the paper's): random character chunks, 4-23 chars peaking at 12-13, blind to
+  whitespace;
+- "words" (SuperBPE-like): runs of 1..`max_words` whitespace-separated words, each word with
+  the whitespace before it, so a chunk never ends inside a word.
+On held-out stdlib code, training on the rest (10 MB), Supertokens over plain BPE in
+bytes/token: chars 1.19x at 8k, 1.26x at 16k; words (max 4) 1.26x at 8k, 1.35x at 16k; the gain
+grows with the vocabulary (session 1 measured 1.18x at 8k from 1 MB of text).
+The reference code glues the chunks with a separator and a `Split(sep, "removed")`
+pre-tokenizer; we hand each chunk to the trainer as its own sequence instead, which trains the
+same merges without a separator that could collide with the text. Both variants are byte-level
+(any text encodes, and `decode(encode(x)) == x` exactly) and take the same `vocab_size`,
+special tokens included, so their compression compares fairly.
 """
 
 import logging
 import random
+import re
 from collections.abc import Iterable, Iterator
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -41,6 +49,8 @@ SUPERTOKEN_CHUNKS = (
     (22, 23, 0.011),
 )
 NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token")
+CHUNKINGS = ("chars", "words")
+WORD = re.compile(r"\s*\S+")  # a word with the whitespace before it
 
 
 def train_bpe(
@@ -49,6 +59,8 @@ def train_bpe(
     *,
     source_tokenizer: PreTrainedTokenizerBase | None = None,
     supertokens: bool = False,
+    chunking: str = "chars",
+    max_words: int = 4,
     seed: int = 0,
     min_frequency: int = 2,
     field: str = FIELD,
@@ -58,7 +70,7 @@ def train_bpe(
     The source tokenizer's special and added tokens, bos/eos/pad/unk roles, chat template,
     `model_max_length` and bos/eos framing are carried over, so a transplanted model keeps
     its chat format. Without a source, `<|endoftext|>` serves as eos and pad. Deterministic
-    given `seed` (the seed only drives the Supertokens chunking).
+    given `seed` (the seed only drives the Supertokens chunking, `chunking` and `max_words`).
     """
     corpus = [t for t in texts if t]
     if not corpus:
@@ -74,6 +86,10 @@ def train_bpe(
         )
     if min_frequency < 1:
         raise LmpressError(f"{field}.min_frequency: must be at least 1, got {min_frequency}")
+    if chunking not in CHUNKINGS:
+        raise LmpressError(f"{field}.chunking: {chunking!r} is not one of {', '.join(CHUNKINGS)}")
+    if max_words < 1:
+        raise LmpressError(f"{field}.max_words: must be at least 1, got {max_words}")
 
     tok = Tokenizer(models.BPE())
     tok.decoder = decoders.ByteLevel()
@@ -86,8 +102,10 @@ def train_bpe(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    if supertokens:
-        batches: Iterator[list[str] | str] = supertoken_chunks(corpus, random.Random(seed))
+    if supertokens and chunking == "words":
+        batches: Iterator[list[str] | str] = word_chunks(corpus, random.Random(seed), max_words)
+    elif supertokens:
+        batches = supertoken_chunks(corpus, random.Random(seed))
     else:
         batches = iter(corpus)
     tok.train_from_iterator(batches, trainer=trainer)
@@ -112,6 +130,20 @@ def supertoken_chunks(texts: list[str], rng: random.Random) -> Iterator[list[str
             step = rng.randint(lo, hi)
             chunks.append(text[pos : pos + step])
             pos += step
+        yield chunks
+
+
+def word_chunks(texts: list[str], rng: random.Random, max_words: int) -> Iterator[list[str]]:
+    """Each text cut into runs of 1..max_words words (uniform), one list per text."""
+    for text in texts:
+        words = WORD.findall(text)
+        chunks, i = [], 0
+        while i < len(words):
+            step = rng.randint(1, max_words)
+            chunks.append("".join(words[i : i + step]))
+            i += step
+        if tail := text[sum(map(len, words)) :]:  # trailing whitespace
+            chunks.append(tail)
         yield chunks
 
 

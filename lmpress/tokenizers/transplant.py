@@ -291,9 +291,12 @@ def tokenadapt_mixes(
 
 
 def _hybrid(local: Mix | None, glob: Mix | None, global_weight: float) -> tuple[Mix | None, str]:
-    """Eq. 5: (1-w)*local + w*global when both exist, else whichever exists."""
-    if local is None or glob is None:
-        return (local, "local") if glob is None else (glob, "global")
+    """Eq. 5: (1-w)*local + w*global when both exist, else whichever exists (w = 0 or 1
+    is one estimate alone, counted as such)."""
+    if glob is None or (local is not None and global_weight == 0):
+        return local, "local"
+    if local is None or global_weight == 1:
+        return glob, "global"
     weights = [(1 - global_weight) * w for w in local.weights]
     weights += [global_weight * w for w in glob.weights]
     return Mix(local.ids + glob.ids, weights), "hybrid"
@@ -477,6 +480,15 @@ def _check_tokenizers(model, old_tokenizer, new_tokenizer) -> None:
             raise LmpressError(
                 f"{FIELD}.tokenizer: the new tokenizer has no {role} and the model needs one "
                 f"(the old tokenizer's is {getattr(old_tokenizer, role)!r})"
+            )
+    template = new_tokenizer.chat_template
+    if isinstance(template, str):  # a control token the chat format writes must stay one
+        specials = {t.content for t in new_tokenizer.added_tokens_decoder.values() if t.special}
+        used = [t for t in old_tokenizer.all_special_tokens if t in template]
+        if missing := [t for t in used if t not in specials]:
+            raise LmpressError(
+                f"{FIELD}.tokenizer: the chat template uses {', '.join(missing)}, a special "
+                "token of the old tokenizer that the new one lacks"
             )
 
 
