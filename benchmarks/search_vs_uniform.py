@@ -16,7 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
-from lmpress.stages.puzzle_search import format_comparison
+from lmpress.stages.heal import Heal
+from lmpress.stages.puzzle_search import PuzzleSearch
 
 
 def _bpb(metrics: dict) -> float | None:
@@ -28,44 +29,17 @@ def report(manifest: dict) -> str:
     search = next((s for s in stages if s.get("name") == "puzzle_search"), None)
     if search is None or "compare_uniform" not in search.get("summary", {}):
         raise SystemExit("no puzzle_search stage with compare_uniform in this run")
-    s = search["summary"]
-    cm = s["cost_model"]
-    held = s["measured"].get("held_out")
-    budgets = s["budgets"].items()
-    lines = [
-        f"cost model: batch {cm['batch_size']} x context {cm['context_len']} on "
-        f"{cm.get('device') or manifest.get('environment', {}).get('device', '?')}; "
-        f"decode_bytes = {cm['decode_bytes']}",
-        "budgets: " + ", ".join(f"{m} <= {b['relative']:g} x parent" for m, b in budgets),
-        "",
-        format_comparison(s["compare_uniform"]),
-        "",
-        f"searched per layer: {' | '.join(s['choices'])}",
-        f"predicted: KL sum {s['predicted']['kl_sum']:.4f} nats/token, "
-        + ", ".join(f"{m} {v:.3f}" for m, v in s["predicted"]["relative"].items()),
-        "measured:  "
-        + (f"held-out KL {held['kl']:.4f} nats/token, " if held else "")
-        + ", ".join(f"{m} {v:.3f}" for m, v in s["measured"]["relative"].items()),
-    ]
+    lines = [line for line in PuzzleSearch.report(search["summary"]) if line != "```"]
     heal = next((x for x in stages if x.get("name") == "heal"), None)
     if heal is not None:
-        h = heal["summary"]
-        before = _bpb(search.get("metrics", {}))
-        after = _bpb(heal.get("metrics", {}))
-        lines += [
-            "",
-            f"heal: {h['steps']} steps, {h['tokens']} tokens ({h['epochs']} epochs) in "
-            f"{h['seconds']:.0f} s; held-out KL(parent||child) {h['kl_before']:.4f} -> "
-            f"{h['kl_after']:.4f} nats/token",
-        ]
+        lines += ["", "heal: " + Heal.report(heal["summary"])[0]]
+        before, after = _bpb(search.get("metrics", {})), _bpb(heal.get("metrics", {}))
         if before is not None and after is not None:
             parent = _bpb(manifest.get("parent", {}).get("metrics", {}))
             lines.append(
                 f"bits/byte (pipeline scoring): parent {parent:.4f}, searched {before:.4f}, "
                 f"searched + healed {after:.4f}"
             )
-    timings = s.get("timings", {})
-    lines += ["", "search timings (s): " + ", ".join(f"{k} {v}" for k, v in timings.items())]
     return "\n".join(lines)
 
 

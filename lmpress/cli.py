@@ -44,6 +44,8 @@ def _setup_logging(quiet: bool) -> None:
     for noisy in (*noisy_loggers, "filelock", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if quiet:  # also the bars of libraries lmpress cannot pass `disable` to (lm-eval's)
+        os.environ["TQDM_DISABLE"] = "1"
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -241,9 +243,13 @@ def search(
     worker: Annotated[
         bool, typer.Option(help="evaluate trials of the run's study in this process")
     ] = False,
+    score: Annotated[
+        bool, typer.Option(help="score one shard of the replace-one-block units (with --shard)")
+    ] = False,
     recover: Annotated[
         bool, typer.Option(help="fail and re-enqueue trials left running by killed workers")
     ] = False,
+    shard: Annotated[str, typer.Option(help="i/n: this process takes every n-th unit")] = "0/1",
     trials: Annotated[
         int | None, typer.Option(help="stop when the study holds this many (default: recipe's)")
     ] = None,
@@ -251,21 +257,27 @@ def search(
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Join a run's Optuna study from another process or machine (--worker), or clean up after
-    killed workers (--recover, only while no worker is alive)."""
-    if worker == recover:
-        raise LmpressError("lmpress search: give exactly one of --worker or --recover")
+    """Share a run's search with other processes or machines: score a shard of its blocks
+    (--score --shard i/n), join its Optuna study (--worker), or clean up after killed workers
+    (--recover, only while no worker is alive)."""
+    if worker + score + recover != 1:
+        raise LmpressError("lmpress search: give exactly one of --worker, --score or --recover")
     _at_least(("--trials", trials, 1))
     _setup_logging(quiet)
+    from lmpress.search.scoring import parse_shard
     from lmpress.search.workers import recover as recover_trials
-    from lmpress.stages.puzzle_search import join_study, study_dir
+    from lmpress.stages.puzzle_search import join_study, score_shard, study_dir
 
     if recover:
         n = recover_trials(study_dir(run_dir))
         typer.echo(f"{n} orphaned trial(s) failed and re-enqueued")
-        return
-    n = join_study(run_dir, n_trials=trials, seed=seed, device=device, progress=not quiet)
-    typer.echo(f"{n} trial(s) evaluated by this worker")
+    elif score:
+        i, n = parse_shard(shard)
+        missing = score_shard(run_dir, (i, n), device=device, progress=not quiet)
+        typer.echo(f"shard {i}/{n} scored; {missing} unit(s) of the table still to score")
+    else:
+        n = join_study(run_dir, n_trials=trials, seed=seed, device=device, progress=not quiet)
+        typer.echo(f"{n} trial(s) evaluated by this worker")
 
 
 @app.command()

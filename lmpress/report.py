@@ -91,6 +91,7 @@ def render(manifest: dict) -> str:
             f"trained {build['train_seconds']:.0f} s on {build['train_tokens_seen']:,} tokens; "
             f"build-time validation bits/byte {build['val_bits_per_byte']:.3f}.",
         ]
+    lines += _stage_details(manifest)
     env = manifest.get("environment", {})
     lines += [
         "",
@@ -100,6 +101,21 @@ def render(manifest: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _stage_details(manifest: dict) -> list[str]:
+    """Each finished stage's own section (`StageConfig.report`), in run order."""
+    from lmpress.stages import STAGES
+
+    lines = []
+    for s in manifest.get("stages", []):
+        stage = STAGES.get(s.get("name"))
+        summary = s.get("summary")
+        if stage is None or not summary or s.get("status") != "done":
+            continue
+        if body := stage.report(summary):
+            lines += ["", f"### {s['index'] + 1}. {s['name']}", "", *body]
+    return lines
 
 
 def _entries(manifest: dict) -> list[dict]:

@@ -44,6 +44,7 @@ def test_eval_prints_finite_metrics_and_writes_json(tiny_checkpoint, tmp_path):
         "--quiet",
     )
     assert out.returncode == 0, out.stderr
+    assert out.stderr == ""  # --quiet: no progress bars (lm-eval's included), no warnings
     metrics = json.loads(target.read_text())
     assert math.isfinite(metrics["stdlib_bpb"]["bits_per_byte"])
     assert json.loads(out.stdout) == metrics
@@ -59,6 +60,9 @@ def test_eval_prints_finite_metrics_and_writes_json(tiny_checkpoint, tmp_path):
         (["eval", "CKPT", "--dtype", "int3"], "error: --dtype: must be one of"),
         (["demo", "build", "nope"], "error: unknown demo parent 'nope'"),
         (["search", "/no/run"], "error: lmpress search: give exactly one of --worker"),
+        (["search", "/no/run", "--worker", "--score"], "error: lmpress search: give exactly"),
+        (["search", "/no/run", "--score", "--shard", "2/2"], "error: shard: need 0 <= i < n"),
+        (["search", "/no/run", "--score"], "error: /no/run: no puzzle_search stage here"),
         (["search", "/no/run", "--worker"], "error: /no/run: no puzzle_search study here"),
         (["search", "/no/run", "--recover"], "error: /no/run: no puzzle_search study here"),
         (["dashboard", "/no/run"], "error: /no/run: no puzzle_search study here"),

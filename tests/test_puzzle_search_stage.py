@@ -275,3 +275,21 @@ def test_recipe_run_then_a_second_worker_joins_the_study(tiny_checkpoint, tmp_pa
     assert ps.join_study(tmp_path / "run", n_trials=3, progress=False) == 1
     trials = optuna.load_study(study_name="puzzle", storage=storage_for(work)).get_trials()
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 3
+
+    # scoring split across two processes: with the run's score cache gone, shard 0/2 leaves
+    # shard 1's units missing, shard 1/2 completes the table, equal to the run's own scores
+    from lmpress.search.scoring import load_scores
+
+    (score_dir,) = (work / "scores").iterdir()
+    space = ps._stage_inputs(tmp_path / "run", None, False).space
+    before = load_scores(space, score_dir)
+    files = sorted(score_dir.glob("*.json"))
+    assert not before.missing and len(files) > 2
+    for f in files:
+        f.unlink()
+    assert ps.score_shard(tmp_path / "run", (0, 2), progress=False) == len(files) // 2
+    assert len(list(score_dir.glob("*.json"))) == len(files) - len(files) // 2
+    assert ps.score_shard(tmp_path / "run", (1, 2), progress=False) == 0
+    after = load_scores(space, score_dir)
+    np.testing.assert_allclose(after.kl, before.kl, atol=1e-6)
+    np.testing.assert_allclose(after.lm_loss_delta, before.lm_loss_delta, atol=1e-6)

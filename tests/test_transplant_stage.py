@@ -94,6 +94,18 @@ def test_baselines_and_method_are_scored_side_by_side(run, tokenizer):
     assert ratio == pytest.approx(zero["mean"]["stdlib_code_bpb"]["bits_per_byte"] / code, abs=1e-3)
 
 
+def test_report_section_lists_every_model_and_its_bits_per_byte(run):
+    from lmpress.stages.transplant_tokenizer import TransplantTokenizer
+
+    _, summary, _ = run
+    lines = TransplantTokenizer.report(summary)
+    for name in ("parent", "tokenadapt", "mean", "random", "tokenadapt+heal"):
+        bpb = summary["healed" if "heal" in name else "zero_shot"][name]["stdlib_code_bpb"]
+        (row,) = [line for line in lines if line.startswith(f"| {name} |")]
+        assert f"{bpb['bits_per_byte']:.4f}" in row
+    assert any(line.startswith("Compression on stdlib_code_bpb: old ") for line in lines)
+
+
 def test_output_is_the_method_model_with_the_new_tokenizer(run, tokenizer):
     out, summary, before = run
     model = out.model

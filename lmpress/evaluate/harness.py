@@ -7,6 +7,8 @@ standard lm-eval task on machines that can reach its dataset.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import os
@@ -63,7 +65,8 @@ def evaluate(
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    lm_eval_log = logging.getLogger("lm_eval")  # at least WARNING; the CLI may have set more
+    lm_eval_log.setLevel(max(lm_eval_log.getEffectiveLevel(), logging.WARNING))
     was_training = model.training
     lm = HFLM(
         pretrained=model,
@@ -73,18 +76,22 @@ def evaluate(
         max_length=max_length or _model_max_length(model),
         device=str(model.device),
     )
-    out = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=list(tasks),
-        task_manager=_task_manager(_needs_defaults(tasks)),
-        limit=limit,
-        bootstrap_iters=0,
-        log_samples=False,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
+    # lm-eval's bars take no `disable` from here; under `--quiet` (root logging above INFO)
+    # they go to a null stream (logging handlers keep their own stream; errors still raise)
+    quiet = logging.getLogger().getEffectiveLevel() > logging.INFO
+    with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=list(tasks),
+            task_manager=_task_manager(_needs_defaults(tasks)),
+            limit=limit,
+            bootstrap_iters=0,
+            log_samples=False,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
     model.train(was_training)
     return _flatten(out["results"])
 

@@ -137,7 +137,12 @@ def score_blocks(
     layers = sorted({u.layer for u in todo})
     start = time.perf_counter()
     for layer in tqdm(layers, desc="block scores", disable=not progress):
-        units = [u for u in todo if u.layer == layer]
+        # another shard (process or machine) may have finished some meanwhile: skip those
+        units = [
+            u for u in todo if u.layer == layer and _cached(cache_dir, u, data, keep[u]) is None
+        ]
+        if not units:
+            continue
         for unit, record in _score_layer(parent, units, batches, keep, adapter).items():
             atomic.write_json(cache_dir / f"{unit.name}.json", {**record, "data": data})
     if todo:

@@ -51,6 +51,12 @@ class StageConfig(BaseModel):
         """
         return []
 
+    @classmethod
+    def report(cls, summary: dict) -> list[str]:
+        """Lines for report.md from this stage's manifest summary (Markdown; tables of fixed
+        width go in a code block). Default: nothing beyond the scores table."""
+        return []
+
     def expected_config(self, config: PreTrainedConfig) -> PreTrainedConfig:
         """The config this stage's output will have, as far as the options alone say, for the
         preflight of later stages. Default: unchanged (an upper bound for stages that shrink)."""

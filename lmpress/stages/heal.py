@@ -36,6 +36,15 @@ class Heal(StageConfig):
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     held_out: int = Field(1, ge=1, description="calibration batches kept out to measure KL")
 
+    @classmethod
+    def report(cls, summary: dict) -> list[str]:
+        h = summary
+        return [
+            f"{h['steps']} steps, {h['tokens']:,} tokens ({h['epochs']} epochs) in "
+            f"{h['seconds']:.0f} s; held-out KL(teacher‖student) {h['kl_before']:.4f} → "
+            f"{h['kl_after']:.4f} nats/token"
+        ]
+
     def apply(self, bundle: Bundle, ctx: StageContext) -> Bundle:
         teacher = ctx.load_parent()
         child, parent = bundle.model, teacher.model

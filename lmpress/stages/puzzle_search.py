@@ -30,7 +30,7 @@ import logging
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -195,6 +195,31 @@ class PuzzleSearch(StageConfig):
                 )
                 break
         return problems
+
+    @classmethod
+    def report(cls, summary: dict) -> list[str]:
+        """The choice per layer, predicted vs measured cost, and the uniform comparison."""
+        s = summary
+        cm, held = s["cost_model"], s["measured"].get("held_out")
+        lines = [
+            f"Cost model: batch {cm['batch_size']} × context {cm['context_len']}"
+            + (f" on {cm['device']}" if cm.get("device") else "")
+            + "; budgets: "
+            + ", ".join(f"{m} ≤ {b['relative']:g} × parent" for m, b in s["budgets"].items()),
+            "",
+            "```",
+            f"searched per layer: {' | '.join(s['choices'])}",
+            f"predicted: KL sum {s['predicted']['kl_sum']:.4f} nats/token, "
+            + _rel_text(s["predicted"]["relative"]),
+            "measured:  "
+            + (f"held-out KL {held['kl']:.4f} nats/token, " if held else "")
+            + _rel_text(s["measured"]["relative"]),
+        ]
+        if "compare_uniform" in s:
+            lines += ["", format_comparison(s["compare_uniform"])]
+        timings = s.get("timings", {})
+        lines += ["", "timings (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()), "```"]
+        return lines
 
     # -- the stage -------------------------------------------------------------------------
     def apply(self, bundle: Bundle, ctx: StageContext) -> Bundle:
@@ -781,33 +806,38 @@ def study_dir(run_dir: str | Path) -> Path:
     return found[-1].parent
 
 
-def join_study(
-    run_dir: str | Path,
-    *,
-    n_trials: int | None = None,
-    seed: int | None = None,
-    device: str | None = None,
-    progress: bool = True,
-) -> int:
-    """Evaluate trials of a run's puzzle_search study in this process, on this machine, until the
-    study holds `n_trials` complete trials (default: the stage's `study.trials`); returns how
-    many were evaluated here.
+@dataclass
+class _StageInputs:
+    """What a puzzle_search stage of a run works on, rebuilt in another process."""
 
-    Start it beside a running `lmpress run` (or after one) on any machine that sees the run dir
-    and the study's storage. It rebuilds what the stage evaluates trials with: the stage's input
-    checkpoint from the manifest, the recipe's calibration batches, the cached expert ranking.
-    """
+    stage: PuzzleSearch
+    recipe: object
+    model: nn.Module
+    tokenizer: object
+    fit: list[dict]
+    held: list[dict]
+    work: Path
+    key: str
+    ranking: dict[int, Tensor]
+    space: SearchSpace
+
+
+def _stage_inputs(run_dir: str | Path, device: str | None, progress: bool) -> _StageInputs:
+    """The stage's input checkpoint (from the manifest), the recipe's calibration batches and
+    the cached expert ranking: the same model, data and cache keys the running stage has."""
     import yaml
 
     from lmpress.data.calibration import calibration_batches, calibration_documents
     from lmpress.device import resolve_device
     from lmpress.load import load_checkpoint
     from lmpress.recipe import parse_recipe
-    from lmpress.search.workers import search_worker
 
     run_dir = Path(run_dir)
-    work = study_dir(run_dir)
-    index = int(work.parent.name.split("-", 1)[0]) - 1  # the pipeline's NN-<stage> directories
+    found = sorted(run_dir.glob("stages/*-puzzle_search"))
+    if not found or not (run_dir / "manifest.json").is_file():
+        raise LmpressError(f"{run_dir}: no puzzle_search stage here (start `lmpress run` first)")
+    stage_dir = found[-1]
+    index = int(stage_dir.name.split("-", 1)[0]) - 1  # the pipeline's NN-<stage> directories
     manifest = json.loads((run_dir / "manifest.json").read_text())
     recipe = parse_recipe(yaml.safe_load((run_dir / "recipe.yaml").read_text()), preflight=False)
     stage = PuzzleSearch.model_validate(manifest["stages"][index]["config"])
@@ -827,14 +857,69 @@ def join_study(
     )
     batches = [{k: v.to(dev) for k, v in b.items()} for b in batches]
     fit, held = split_batches(batches, stage.held_out)
+    work = stage_dir / "work"
     key = _sha(model_fingerprint(model), data_fingerprint(fit))
     ranking = cached_ranking(model, fit, stage.importance, work, key, progress)
     space = build_space(model, stage.windows, stage.keep_experts)
-    evaluate = trial_evaluator(model, tok, space, ranking, fit, held, stage, recipe.seed)
-    o = stage.study
+    return _StageInputs(stage, recipe, model, tok, fit, held, work, key, ranking, space)
+
+
+def join_study(
+    run_dir: str | Path,
+    *,
+    n_trials: int | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> int:
+    """Evaluate trials of a run's puzzle_search study in this process, on this machine, until the
+    study holds `n_trials` complete trials (default: the stage's `study.trials`); returns how
+    many were evaluated here.
+
+    Start it beside a running `lmpress run` (or after one) on any machine that sees the run dir
+    and the study's storage. It rebuilds what the stage evaluates trials with: the stage's input
+    checkpoint from the manifest, the recipe's calibration batches, the cached expert ranking.
+    """
+    from lmpress.search.workers import search_worker
+
+    work = study_dir(run_dir)
+    x = _stage_inputs(run_dir, device, progress)
+    evaluate = trial_evaluator(
+        x.model, x.tokenizer, x.space, x.ranking, x.fit, x.held, x.stage, x.recipe.seed
+    )
+    o = x.stage.study
     return search_worker(
         work, evaluate, storage=o.storage, study_name=o.study_name, n_trials=n_trials, seed=seed
     )
+
+
+def score_shard(
+    run_dir: str | Path,
+    shard: tuple[int, int],
+    *,
+    device: str | None = None,
+    progress: bool = True,
+) -> int:
+    """Score shard `i/n` of a run's replace-one-block units into the stage's score cache; returns
+    how many units are still missing from the table afterwards (0 once every shard is done).
+
+    Start one per machine beside a running `lmpress run` (which skips units found finished) or
+    before re-running it: the units land where the stage looks for them, keyed by its model and
+    calibration data, so a stage that starts or resumes later finds them done.
+    """
+    x = _stage_inputs(run_dir, device, progress)
+    s = x.stage
+    score_on = x.fit[: s.score_batches] if s.score_batches else x.fit
+    table = score_blocks(
+        x.model,
+        x.space,
+        score_on,
+        x.work / "scores" / x.key,
+        shard,
+        expert_ranking=x.ranking,
+        progress=progress,
+    )
+    return len(table.missing)
 
 
 class _timed:

@@ -131,6 +131,43 @@ class TransplantTokenizer(StageConfig):
             raise ValueError("compare_with needs scoring (it compares bits per byte)")
         return self
 
+    @classmethod
+    def report(cls, summary: dict) -> list[str]:
+        """Bits per byte of every initialisation per domain, then compression per tokenizer."""
+        scores = {**summary.get("zero_shot", {}), **summary.get("healed", {})}
+        tasks = list(dict.fromkeys(t for row in scores.values() for t in row))
+        lines = []
+        if scores:
+            lines += [
+                "| model | " + " | ".join(f"{t} bits/byte ↓" for t in tasks) + " |",
+                "|" + "---|" * (len(tasks) + 1),
+            ]
+            for name, row in scores.items():
+                cells = [f"{row[t]['bits_per_byte']:.4f}" if t in row else "–" for t in tasks]
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        for task, c in summary.get("compression", {}).items():
+            kinds = [k for k in ("old", "bpe", "supertokens") if k in c]
+            lines += [
+                "",
+                f"Compression on {task}: "
+                + ", ".join(
+                    f"{k} {c[k]['bytes_per_token']:.2f} bytes/token "
+                    f"({c[k]['tokens_per_word']:.2f} tokens/word)"
+                    for k in kinds
+                )
+                + (
+                    f"; Supertokens over BPE {c['supertokens_over_bpe_bytes_per_token']:.3f}×"
+                    if "supertokens_over_bpe_bytes_per_token" in c
+                    else ""
+                )
+                + (
+                    f"; new/old tokens {c['new_over_old_tokens']:.3f}×"
+                    if "new_over_old_tokens" in c
+                    else ""
+                ),
+            ]
+        return lines
+
     def preflight(self, config, tokenizer=None) -> list[str]:
         """Files the stage reads, checked before any weights are loaded."""
         problems = [
