@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from lmpress import atomic
@@ -136,6 +137,17 @@ def _first_metric(metrics: dict | None, task: str) -> str:
 
 
 def write_report(manifest: dict, run_dir: Path) -> Path:
+    """report.md and its plots (written first, so the Markdown never links a missing one)."""
+    from lmpress.plots import write_plots
+
+    try:
+        images = write_plots(manifest, run_dir)
+    except Exception as e:  # a picture must never cost a finished run its report
+        logging.getLogger(__name__).warning("plots skipped: %s", e)
+        images = []
     path = Path(run_dir) / "report.md"
-    atomic.write_text(path, render(manifest))
+    text = render(manifest)
+    if images:
+        text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in images) + "\n"
+    atomic.write_text(path, text)
     return path

@@ -34,3 +34,40 @@ def test_a_finished_stage_adds_its_own_section_and_a_failed_one_does_not():
     assert "### 1. heal" in text and "0.2500 → 0.1250 nats/token" in text
     manifest["stages"][0]["status"] = "failed"
     assert "### 1. heal" not in render(manifest)
+
+
+def test_plots_are_written_beside_the_report_and_linked(tmp_path):
+    from lmpress.report import write_report
+
+    def metrics(bpb: float, mib: float, rate: float) -> dict:
+        front = [
+            {"effort": e, "accuracy": 0.5, "request_efficiency": rate / e,
+             "mean_generated_tokens": e / 2}
+            for e in (8, 32)
+        ]  # fmt: skip
+        workload = {"num_prompts": 4, "concurrency": 2, "max_new_tokens": 32, "repeats": 1}
+        return {
+            "lm_eval": {"stdlib_bpb": {"bits_per_byte": bpb}},
+            "size": {"parameters": 1e6, "weight_bytes": mib * 2**20},
+            "efficiency": {
+                "frontier": front,
+                "memory": {"kv_bytes_per_token": 512},
+                "workload": workload,
+            },
+        }
+
+    manifest = _manifest({}, {})
+    manifest["parent"]["metrics"] = metrics(1.70, 18.0, 1.0)
+    manifest["stages"][0]["metrics"] = metrics(1.72, 14.0, 1.2)
+    text = write_report(manifest, tmp_path).read_text()
+    for name in ("quality_vs_size.png", "frontier.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name})" in text
+    assert not list(tmp_path.glob(".*"))  # no temp files left
+
+
+def test_a_run_without_scores_gets_no_plots(tmp_path):
+    from lmpress.report import write_report
+
+    text = write_report(_manifest({}, {}), tmp_path).read_text()
+    assert "![" not in text and not list(tmp_path.glob("*.png"))
