@@ -293,3 +293,11 @@ def test_recipe_run_then_a_second_worker_joins_the_study(tiny_checkpoint, tmp_pa
     after = load_scores(space, score_dir)
     np.testing.assert_allclose(after.kl, before.kl, atol=1e-6)
     np.testing.assert_allclose(after.lm_loss_delta, before.lm_loss_delta, atol=1e-6)
+
+
+def test_a_helper_started_before_the_run_reaches_the_stage_is_told_so(tmp_path):
+    (tmp_path / "stages" / "02-puzzle_search").mkdir(parents=True)
+    manifest = {"parent": {"checkpoint": "/p"}, "stages": [{"name": "prune_experts"}]}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LmpressError, match="has not reached puzzle_search yet"):
+        ps.score_shard(tmp_path, (0, 2), progress=False)

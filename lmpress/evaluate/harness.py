@@ -63,19 +63,9 @@ def evaluate(
     if missing := unknown_tasks(tasks):
         raise LmpressError(f"evaluation.tasks: unknown lm-eval task(s): {', '.join(missing)}")
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
 
-    lm_eval_log = logging.getLogger("lm_eval")  # at least WARNING; the CLI may have set more
-    lm_eval_log.setLevel(max(lm_eval_log.getEffectiveLevel(), logging.WARNING))
     was_training = model.training
-    lm = HFLM(
-        pretrained=model,
-        tokenizer=tokenizer,
-        backend="causal",
-        batch_size=batch_size,
-        max_length=max_length or _model_max_length(model),
-        device=str(model.device),
-    )
+    lm = in_memory_lm(model, tokenizer, batch_size, max_length or _model_max_length(model))
     # lm-eval's bars take no `disable` from here; under `--quiet` (root logging above INFO)
     # they go to a null stream (logging handlers keep their own stream; errors still raise)
     quiet = logging.getLogger().getEffectiveLevel() > logging.INFO
@@ -94,6 +84,24 @@ def evaluate(
         )
     model.train(was_training)
     return _flatten(out["results"])
+
+
+def in_memory_lm(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int, max_length: int
+):
+    """lm-eval's HFLM around a model already in memory (no path, no reload)."""
+    from lm_eval.models.huggingface import HFLM
+
+    lm_eval_log = logging.getLogger("lm_eval")  # at least WARNING; the CLI may have set more
+    lm_eval_log.setLevel(max(lm_eval_log.getEffectiveLevel(), logging.WARNING))
+    return HFLM(
+        pretrained=model,
+        tokenizer=tokenizer,
+        backend="causal",
+        batch_size=batch_size,
+        max_length=max_length,
+        device=str(model.device),
+    )
 
 
 def _model_max_length(model: PreTrainedModel) -> int:

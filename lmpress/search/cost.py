@@ -234,7 +234,7 @@ def _moe_bytes(
 
 
 # -- measured --------------------------------------------------------------------------------
-class _Timer:
+class Timer:
     """Median wall time in ms of `run(r)` over `repeats` calls after `warmup` untimed ones;
     `reset()` runs after every call, outside the clock. CUDA is synchronised around each call."""
 
@@ -289,7 +289,7 @@ def measure_costs(
     _positive(prefill_batch_size, "prefill_batch_size")
     _positive(repeats, "repeats")
     adapter = adapter or adapter_for(parent)
-    timer = _Timer(device, warmup, repeats)
+    timer = Timer(device, warmup, repeats)
     was_training = parent.training
     parent.eval()
     try:
@@ -318,7 +318,8 @@ def measure_costs(
                     timer,
                     seed + unit.layer,
                 )
-        whole = _parent_cost(parent, ids, batch_size, context_len, timer)
+        rows = ids[torch.arange(batch_size, device=device) % ids.shape[0]]  # [batch, context]
+        whole = model_cost(parent, rows, ids, timer)
         seconds = time.perf_counter() - start
     finally:
         parent.train(was_training)
@@ -423,7 +424,7 @@ def _attention_cost(
     batch: int,
     context: int,
     prefill_batch: int,
-    timer: _Timer,
+    timer: Timer,
     adapter: MoeAdapter,
 ) -> dict[str, float]:
     """Decode and prefill time of one layer's attention at `unit.option`, and its KV bytes."""
@@ -478,7 +479,7 @@ def _mlp_cost(
     batch: int,
     prefill_batch: int,
     context: int,
-    timer: _Timer,
+    timer: Timer,
     seed: int,
 ) -> dict[str, float]:
     """Decode and prefill time of one MLP/MoE block on the parent's real inputs to it: every
@@ -499,17 +500,16 @@ def _mlp_cost(
     }
 
 
-def _parent_cost(
-    model: nn.Module, ids: Tensor, batch: int, context: int, timer: _Timer
-) -> dict[str, float]:
-    """The whole parent: one decode step for `batch` sequences at `context`, one prefill of
-    `ids`, its weight bytes and KV bytes per sequence."""
-    device = ids.device
+def model_cost(model: nn.Module, rows: Tensor, prompt: Tensor, timer: Timer) -> dict[str, float]:
+    """A whole model as it serves: KV bytes per sequence after `rows` (`[batch, context]`), one
+    decode step for those sequences, one prefill of `prompt`, its weight bytes. The cache is
+    `dense_cache` (a puzzle model's sliding layers each at their own window)."""
+    device = rows.device
+    batch, context = rows.shape
     cache_arg = _cache_kwarg(model)
     params = inspect.signature(model.forward).parameters
     extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-    rows = ids[torch.arange(batch, device=device) % ids.shape[0]]  # [batch, context]
-    cache = dense_cache(model)  # a puzzle parent's sliding layers each at their own window
+    cache = dense_cache(model)
     ones = torch.ones_like(rows)
     model(input_ids=rows, attention_mask=ones, use_cache=True, **{cache_arg: cache}, **extra)
     kv_bytes = cache_bytes(cache) / batch
@@ -528,9 +528,9 @@ def _parent_cost(
             vars(layer).update(state)
 
     decode = timer(lambda r: model(**step), rewind)
-    prompt = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": True, **extra}
+    prompt_kw = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt), "use_cache": True}
     caches = [dense_cache(model) for _ in range(timer.warmup + timer.repeats)]
-    prefill = timer(lambda r: model(**prompt, **{cache_arg: caches[r]}))
+    prefill = timer(lambda r: model(**prompt_kw, **extra, **{cache_arg: caches[r]}))
     return {
         "weight_bytes": float(weight_bytes(model)),
         "kv_bytes": kv_bytes,

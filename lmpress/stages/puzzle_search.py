@@ -24,12 +24,10 @@ the blocks, so there `decode_bytes` is the honest budget and `decode_ms` is repo
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
-import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -41,11 +39,9 @@ from torch import Tensor, nn
 
 from lmpress import atomic
 from lmpress.bundle import Bundle
-from lmpress.compress.kv_cache import cache_bytes, dense_cache
 from lmpress.errors import LmpressError
-from lmpress.evaluate.efficiency import weight_bytes
 from lmpress.models.adapters import adapter_for
-from lmpress.search.cost import BlockCosts, analytic_costs, measure_costs
+from lmpress.search.cost import BlockCosts, Timer, analytic_costs, measure_costs, model_cost
 from lmpress.search.mip import (
     MipProblem,
     MipSolution,
@@ -500,21 +496,6 @@ def with_decode_bytes(
 
 
 # -- measuring a whole model -----------------------------------------------------------------
-def _median_ms(run: Callable[[int], object], reset: Callable[[], None], device, warmup, repeats):
-    times = []
-    for r in range(warmup + repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        run(r)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if r >= warmup:
-            times.append(time.perf_counter() - start)
-        reset()
-    return 1000 * statistics.median(times)
-
-
 @torch.no_grad()
 def measure_model(model: nn.Module, ids: Tensor, cost: CostOptions) -> dict[str, float]:
     """The whole model as built, with the settings the blocks were costed at: weight bytes, KV
@@ -526,52 +507,15 @@ def measure_model(model: nn.Module, ids: Tensor, cost: CostOptions) -> dict[str,
     """
     device = model.get_input_embeddings().weight.device
     ids = ids.to(device)
-    params = inspect.signature(model.forward).parameters
-    cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-    b, c = cost.batch_size, cost.context_len
-    rows = ids[:b]
-
-    def fill(tokens: Tensor, cache) -> None:
-        mask = torch.ones_like(tokens)
-        model(input_ids=tokens, attention_mask=mask, use_cache=True, **{cache_arg: cache}, **extra)
-
-    cache = dense_cache(model)
-    fill(rows, cache)
-    kv = cache_bytes(cache) / b
-    states = [dict(vars(layer)) for layer in cache.layers]
-    step = {
-        "input_ids": rows[:, -1:],
-        "attention_mask": torch.ones(b, c + 1, dtype=torch.long, device=device),
-        "position_ids": torch.full((b, 1), c, device=device),
-        "use_cache": True,
-        cache_arg: cache,
-        **extra,
-    }
-
-    def rewind() -> None:
-        for layer, state in zip(cache.layers, states, strict=True):
-            vars(layer).update(state)
-
     was_training = model.training
     model.eval()
     try:
-        decode = _median_ms(lambda r: model(**step), rewind, device, cost.warmup, cost.repeats)
-        prompt = ids[: cost.prefill_batch_size]
-        caches = [dense_cache(model) for _ in range(cost.warmup + cost.repeats)]
-        prefill = _median_ms(
-            lambda r: fill(prompt, caches[r]), lambda: None, device, cost.warmup, cost.repeats
-        )
+        timer = Timer(device, cost.warmup, cost.repeats)
+        measured = model_cost(model, ids[: cost.batch_size], ids[: cost.prefill_batch_size], timer)
     finally:
         model.train(was_training)
-    weights = float(weight_bytes(model))
-    return {
-        "weight_bytes": weights,
-        "kv_bytes": kv,
-        "decode_ms": decode,
-        "prefill_ms": prefill,
-        DECODE_BYTES: weights + b * kv,
-    }
+    measured[DECODE_BYTES] = measured["weight_bytes"] + cost.batch_size * measured["kv_bytes"]
+    return measured
 
 
 @torch.no_grad()
@@ -839,15 +783,19 @@ def _stage_inputs(run_dir: str | Path, device: str | None, progress: bool) -> _S
     stage_dir = found[-1]
     index = int(stage_dir.name.split("-", 1)[0]) - 1  # the pipeline's NN-<stage> directories
     manifest = json.loads((run_dir / "manifest.json").read_text())
+    stages = manifest.get("stages", [])
+    before = stages[index - 1] if index else manifest.get("parent", {})
+    if len(stages) <= index or not before.get("checkpoint"):
+        raise LmpressError(f"{run_dir}: the run has not reached puzzle_search yet; try again later")
     recipe = parse_recipe(yaml.safe_load((run_dir / "recipe.yaml").read_text()), preflight=False)
-    stage = PuzzleSearch.model_validate(manifest["stages"][index]["config"])
-    source = (
-        manifest["stages"][index - 1]["checkpoint"] if index else manifest["parent"]["checkpoint"]
-    )
+    stage = PuzzleSearch.model_validate(stages[index]["config"])
+    source = Path(before["checkpoint"])
+    if index:  # recorded relative to where `lmpress run` ran: find it from the run dir instead
+        source = run_dir / "stages" / f"{index:02d}-{stages[index - 1]['name']}" / "checkpoint"
     dev = resolve_device(device or recipe.device, "--device" if device else "device")
     m = recipe.model
     model, tok = load_checkpoint(
-        Path(source), dev, recipe.dtype, m.allow_pickle, m.trust_remote_code, "model.source"
+        source, dev, recipe.dtype, m.allow_pickle, m.trust_remote_code, "model.source"
     )
     model.eval()
     cal = recipe.calibration

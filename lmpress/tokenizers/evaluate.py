@@ -12,7 +12,6 @@ on the same texts and `max_length`; one pass also yields the per-text values the
 
 from __future__ import annotations
 
-import logging
 import math
 import statistics
 from dataclasses import dataclass
@@ -45,20 +44,13 @@ def rolling_scores(
 ) -> list[TextScore]:
     """Each text's rolling log-likelihood exactly as lm-eval's bits_per_byte tasks compute it."""
     from lm_eval.api.instance import Instance
-    from lm_eval.models.huggingface import HFLM
+
+    from lmpress.evaluate.harness import in_memory_lm
 
     if not texts:
         raise LmpressError("transplant_tokenizer.eval: no texts to score")
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
     was_training = model.training
-    lm = HFLM(
-        pretrained=model,
-        tokenizer=tokenizer,
-        backend="causal",
-        batch_size=batch_size,
-        max_length=max_length,
-        device=str(model.device),
-    )
+    lm = in_memory_lm(model, tokenizer, batch_size, max_length)
     requests = [
         Instance("loglikelihood_rolling", {}, (text,), i, metadata=("transplant", i, 1))
         for i, text in enumerate(texts)
