@@ -31,9 +31,9 @@ from transformers import GptOssConfig, GptOssForCausalLM
 
 from lmpress.compress.attention import apply_windows, layer_windows
 from lmpress.compress.experts import expert_counts, prune_experts
-from lmpress.compress.kv_cache import cache_bytes, calibrate_kv_scales, make_fp8_cache
+from lmpress.compress.kv_cache import calibrate_kv_scales, make_fp8_cache
 from lmpress.device import resolve_device
-from lmpress.evaluate.efficiency import weight_bytes
+from lmpress.measure import cache_bytes, weight_bytes
 
 PRESETS = {
     # gpt-oss-20b's per-layer shapes (config.json of openai/gpt-oss-20b)

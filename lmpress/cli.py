@@ -189,7 +189,8 @@ def bench(
     """Request-level serving efficiency (vLLM's metric names), alone or side by side (--vs)."""
     from pydantic import ValidationError
 
-    from lmpress.recipe import Efficiency, format_errors
+    from lmpress.evaluate.serving.config import ServingConfig
+    from lmpress.recipe import format_errors
 
     effort_list = [
         int(e) if e.strip().lstrip("-").isdigit() else e.strip()
@@ -197,7 +198,7 @@ def bench(
         if e.strip()
     ]
     try:
-        cfg = Efficiency(
+        cfg = ServingConfig(
             requests=requests,
             concurrency=concurrency,
             max_new_tokens=max_new_tokens,
@@ -264,9 +265,9 @@ def search(
         raise LmpressError("lmpress search: give exactly one of --worker, --score or --recover")
     _at_least(("--trials", trials, 1))
     _setup_logging(quiet)
+    from lmpress.search.remote import join_study, score_shard, study_dir
     from lmpress.search.scoring import parse_shard
     from lmpress.search.workers import recover as recover_trials
-    from lmpress.stages.puzzle_search import join_study, score_shard, study_dir
 
     if recover:
         n = recover_trials(study_dir(run_dir))
@@ -292,8 +293,8 @@ def dashboard(
     port: Annotated[int, typer.Option(help="port to serve on")] = 8080,
 ) -> None:
     """Open the run's Optuna study in optuna-dashboard (http://127.0.0.1:8080 by default)."""
+    from lmpress.search.remote import study_dir
     from lmpress.search.workers import dashboard as serve
-    from lmpress.stages.puzzle_search import study_dir
 
     work = run_dir if (run_dir / "study.json").is_file() or storage else study_dir(run_dir)
     serve(work, storage=storage, host=host, port=port)

@@ -20,8 +20,6 @@ import logging
 import platform
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,13 +36,13 @@ from lmpress.device import describe, resolve_device
 from lmpress.errors import LmpressError
 from lmpress.export import save_checkpoint, scrub_metadata
 from lmpress.load import check_checkpoint_dir, load_checkpoint
+from lmpress.measure import weight_bytes
 from lmpress.preflight import check_recipe
 from lmpress.recipe import Recipe
+from lmpress.rundir import RunDir
 from lmpress.stages import StageConfig, StageContext
 
 log = logging.getLogger("lmpress")
-MANIFEST = "manifest.json"
-LOCK = ".lmpress.lock"
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -97,61 +95,12 @@ class Pipeline:
             recipe, resolve_device(device or recipe.device, field), recipe.run_dir(), progress
         )
 
-    # ---- run directory and manifest -----------------------------------------------------------
-    def _check_output_dir(self) -> None:
-        """Write only into an empty directory or an lmpress run: never beside the user's files,
-        and --fresh never deletes them."""
-        d = self.run_dir
-        if d.exists() and not d.is_dir():
-            raise LmpressError(f"output_dir: {d} is a file, not a directory")
-        if not d.is_dir() or (d / MANIFEST).is_file():
-            return
-        foreign = sorted(p.name for p in d.iterdir() if p.name != LOCK and not atomic.is_temp(p))
-        if foreign:
-            raise LmpressError(
-                f"output_dir: {d} is not empty and holds no lmpress run (manifest.json), e.g. "
-                f"'{foreign[0]}'; name a new or empty directory (lmpress neither writes beside "
-                "nor deletes files it did not make, also with --fresh)"
-            )
-
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        """One process per run directory: a second `lmpress run` into it is refused, not mixed."""
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows: no advisory locks, no guard
-            yield
-            return
-        with open(self.run_dir / LOCK, "a") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                raise LmpressError(
-                    f"output_dir: {self.run_dir} is in use by another lmpress run"
-                ) from e
-            yield  # the kernel releases the lock when the file closes or the process dies
-
-    def _load_manifest(self, fresh: bool) -> dict:
-        path = self.run_dir / MANIFEST
-        if fresh:
-            for p in self.run_dir.iterdir():
-                if p.name == LOCK:
-                    continue
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p)
-                else:
-                    p.unlink()
-        for leftover in atomic.clean_temps(self.run_dir):
-            log.info("removed %s (left by an interrupted run)", leftover)
-        if path.is_file():
-            try:
-                return json.loads(path.read_text())
-            except json.JSONDecodeError:
-                log.warning("%s is unreadable; starting over", path)
-        return {}
+    @property
+    def rundir(self) -> RunDir:
+        return RunDir(self.run_dir)
 
     def _save(self, manifest: dict) -> None:
-        atomic.write_json(self.run_dir / MANIFEST, manifest)
+        self.rundir.save_manifest(manifest)
 
     # ---- bundles ----------------------------------------------------------------------------
     def _parent_dir(self) -> Path:
@@ -171,18 +120,7 @@ class Pipeline:
         return Bundle(model, tok)
 
     def _calibration(self):
-        cal = self.recipe.calibration
-        docs: list = []
-
-        def batches(tokenizer) -> list[dict[str, torch.Tensor]]:
-            if not docs:
-                docs.extend(calibration_documents(cal))
-            out = calibration_batches(
-                tokenizer, docs, cal.num_samples, cal.seq_len, cal.batch_size, self.recipe.seed
-            )
-            return [{k: v.to(self.device) for k, v in b.items()} for b in out]
-
-        return batches
+        return recipe_calibration(self.recipe, self.device)
 
     # ---- scoring ----------------------------------------------------------------------------
     def score(self, bundle: Bundle, label: str, with_efficiency: bool) -> dict:
@@ -235,11 +173,14 @@ class Pipeline:
     def run(self, fresh: bool = False) -> dict:
         """Pre-flight, then run or resume; Ctrl-C raises RunInterrupted naming the resume point."""
         check_recipe(self.recipe)
-        self._check_output_dir()
+        rundir = self.rundir
+        rundir.check_writable()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with self._locked():
+        with rundir.locked():
+            if fresh:
+                rundir.clear()
             try:
-                return self._run(self._load_manifest(fresh))
+                return self._run(rundir.load_manifest())
             except KeyboardInterrupt as e:
                 raise RunInterrupted(
                     f"interrupted; re-run the same command to resume from {self._step}"
@@ -253,7 +194,7 @@ class Pipeline:
         )
         self._save(manifest)  # marks the directory as a run before anything else is written
         atomic.write_text(
-            self.run_dir / "recipe.yaml",
+            self.rundir.recipe_path,
             yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False),
         )
         self._step = "scoring the parent"
@@ -315,11 +256,9 @@ class Pipeline:
         ckpt: Path,
         manifest: dict,
     ) -> tuple[Bundle | None, Path]:
-        name = f"{i + 1:02d}-{stage.stage}"
-        stage_dir = self.run_dir / "stages" / name
         entries = manifest["stages"]
         old = entries[i] if i < len(entries) else {}
-        out_ckpt = stage_dir / "checkpoint"
+        out_ckpt = self.rundir.checkpoint(i, stage.stage)
         label = f"stage {i + 1}/{len(self.recipe.stages)} {stage.stage}"
         self._step = f"stage {i + 1}/{len(self.recipe.stages)} ({stage.stage})"
         done = old.get("key") == key and old.get("status") == "done" and _intact(out_ckpt, label)
@@ -344,7 +283,7 @@ class Pipeline:
             ctx = StageContext(
                 device=self.device,
                 seed=self.recipe.seed,
-                work_dir=stage_dir / "work",
+                work_dir=self.rundir.work_dir(i, stage.stage),
                 calibration_batches=self._calibration(),
                 load_parent=lambda: self._load(self._parent_dir()),
                 log=logging.getLogger(f"lmpress.{stage.stage}"),
@@ -393,7 +332,7 @@ class Pipeline:
             pass
 
     def _export(self, ckpt: Path, key: str, old: dict) -> dict:
-        out = self.run_dir / "export"
+        out = self.rundir.export_dir
         if old.get("key") == key and out.is_dir():
             log.info("export: up to date (skipped)")
             return old
@@ -439,8 +378,24 @@ def _contiguous(entries: list[dict]) -> list[dict]:
     return out
 
 
+def recipe_calibration(recipe: Recipe, device: torch.device):
+    """`tokenizer -> batches` of the recipe's calibration text on `device`; the documents are
+    read once, on first use (a stage that needs no calibration reads nothing)."""
+    cal = recipe.calibration
+    docs: list = []
+
+    def batches(tokenizer) -> list[dict[str, torch.Tensor]]:
+        if not docs:
+            docs.extend(calibration_documents(cal))
+        out = calibration_batches(
+            tokenizer, docs, cal.num_samples, cal.seq_len, cal.batch_size, recipe.seed
+        )
+        return [{k: v.to(device) for k, v in b.items()} for b in out]
+
+    return batches
+
+
 def model_size(model: torch.nn.Module) -> dict:
-    from lmpress.evaluate.efficiency import weight_bytes
 
     return {
         "parameters": sum(p.numel() for p in model.parameters()),

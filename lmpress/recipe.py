@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lmpress.errors import LmpressError
+from lmpress.evaluate.serving.config import ServingConfig as Efficiency
 from lmpress.stages import STAGES, StageConfig
 
 DEMO_PREFIX = "demo:"
@@ -96,34 +97,6 @@ class Evaluation(Strict):
     limit: int | None = Field(None, ge=1, description="documents per task (None = all)")
     batch_size: int = Field(8, ge=1)
     max_length: int | None = Field(None, ge=16, description="tokens per window (default: model's)")
-    after_each_stage: bool = True
-
-
-class Efficiency(Strict):
-    """Request-level serving cost, measured on held-out next-line requests after each stage."""
-
-    enabled: bool = True
-    requests: int = Field(16, ge=1, description="requests per run")
-    concurrency: int = Field(4, ge=1, description="requests served at once (batched, KV cache)")
-    max_new_tokens: int = Field(32, ge=1, description="budget for named efforts")
-    efforts: list[int | str] = Field(
-        default_factory=lambda: [8, 32],
-        min_length=1,
-        description="token budgets, or reasoning-effort names the chat template takes; "
-        "the last one is the headline",
-    )
-    repeats: int = Field(2, ge=1)
-    warmup: int = Field(1, ge=0)
-
-    @field_validator("efforts")
-    @classmethod
-    def _budgets_positive(cls, v: list[int | str]) -> list[int | str]:
-        for i, e in enumerate(v):
-            if isinstance(e, int) and e < 1:
-                raise ValueError(f"item {i} ({e}): a token budget must be ≥ 1")
-        return v
-
-    stop_at_newline: bool = Field(True, description="a request completes one line of text")
     after_each_stage: bool = True
 
 

@@ -24,6 +24,7 @@ from transformers import (
 from lmpress.errors import LmpressError
 from lmpress.evaluate import efficiency as eff
 from lmpress.evaluate.efficiency import FrontierPoint, Workload
+from lmpress.measure import kv_bytes, weight_bytes
 
 WORDS = [f"w{i}" for i in range(56)] + ["low", "high"]
 SPECIALS = ["<pad>", "<eos>", "<unk>"]
@@ -154,7 +155,7 @@ def test_eos_stops_requests_and_counts_the_eos(gpt_oss, tok, prompts):
 
 def test_kv_bytes_full_attention(llama, tok, prompts):
     per_token = 2 * 2 * 2 * 8 * 4  # 2 (K,V) x layers x kv_heads x head_dim x fp32 bytes
-    assert eff.kv_bytes_per_token(llama, 4) == per_token
+    assert kv_bytes(llama, 1, 4) == per_token
     wave = prompts[:4]
     trace = eff.run_workload(llama, tok, _workload(wave, ignore_eos=True))
     cached_len = max(len(p.split()) for p in wave) + BUDGET - 1  # last token is never fed back
@@ -172,7 +173,7 @@ def test_fp8_cache_factory_is_measured(llama, tok, prompts):
     trace = eff.run_workload(llama, tok, _workload(wave, ignore_eos=True), cache_factory=fp8)
     scales = 2 * 2 * 4  # per layer a float32 K scale and V scale
     assert trace.kv_bytes_per_element == 1
-    per_token = eff.kv_bytes_per_token(llama, 1)
+    per_token = kv_bytes(llama, 1, 1)
     assert trace.kv_peak_bytes == per_token * trace.kv_peak_cached_positions + scales
 
 
@@ -203,9 +204,9 @@ def test_sliding_window_cache_stays_under_analytic_cap(gpt_oss, tok, prompts):
     assert 0 < trace.kv_peak_bytes <= trace.kv_peak_analytic_bytes
     rows = trace.kv_peak_cached_positions // (max(len(p.split()) for p in prompts[:4]) + BUDGET - 1)
     length = trace.kv_peak_cached_positions // rows
-    # full layer holds every position; the window-4 layer keeps the last 3 (W - 1) and an int64
-    # copy of its window: everything the cache holds is counted
-    assert trace.kv_peak_bytes == rows * 2 * 2 * 8 * 4 * (length + 3) + 8
+    # full layer holds every position; the window-4 layer keeps the last 3 (W - 1); its int64
+    # copy of the window length is bookkeeping, not KV, and is not counted
+    assert trace.kv_peak_bytes == rows * 2 * 2 * 8 * 4 * (length + 3)
 
 
 def test_measure_result_is_json_and_spreads(gpt_oss, tok, prompts):
@@ -243,7 +244,7 @@ def test_compare_model_with_itself(gpt_oss, tok, prompts):
 def test_compare_different_models_reports_weight_ratio(tok, prompts):
     small, big = _gpt_oss(tok, experts=4), _gpt_oss(tok, experts=8)
     c = eff.compare(small, big, tok, _workload(prompts[:2], max_new_tokens=3, repeats=1))
-    expected = eff.weight_bytes(big) / eff.weight_bytes(small)
+    expected = weight_bytes(big) / weight_bytes(small)
     assert c.ratios["weight_bytes"].mean == pytest.approx(expected) and expected > 1
     assert c.ratios["kv_bytes_per_token"].mean == 1.0
 

@@ -21,7 +21,7 @@ from lmpress.compress.experts import (
     select_experts,
 )
 from lmpress.errors import LmpressError
-from lmpress.evaluate.efficiency import weight_bytes
+from lmpress.measure import weight_bytes
 from lmpress.models.adapters import adapter_for
 
 BATCHES = [tokens(seed=1), tokens(seed=2, batch=3, seq=9, pad=5)]

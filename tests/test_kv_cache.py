@@ -29,7 +29,9 @@ from lmpress.compress.attention import apply_windows
 from lmpress.errors import LmpressError
 from lmpress.export import save_checkpoint
 from lmpress.load import load_checkpoint
+from lmpress.measure import cache_bytes, kv_bytes
 from lmpress.models.adapters import adapter_for
+from lmpress.models.arch import attention_modules, kv_layout
 
 VOCAB, LAYERS, KV_HEADS, HEAD_DIM, WINDOW = 64, 4, 2, 16, 8
 FP8_BYTES_PER_TOKEN = LAYERS * 2 * KV_HEADS * HEAD_DIM  # 256: every layer, K and V, 1 byte each
@@ -285,22 +287,20 @@ def test_fp8_cache_stores_one_byte_values_that_dequantize_to_the_round_trip(fami
 @pytest.mark.parametrize("family", FAMILIES)
 def test_analytic_kv_bytes_fp8_is_half_bf16_and_quarter_fp32(family):
     model = tiny_model(family)
-    assert [(s.kv_heads, s.head_dim, s.window) for s in kc.kv_layout(model)] == [
+    assert [(s.kv_heads, s.head_dim, s.window) for s in kv_layout(model)] == [
         (KV_HEADS, HEAD_DIM, w) for w in WINDOWS[family]
     ]
-    fp8 = kc.kv_bytes_per_token(model, torch.float8_e4m3fn)
+    fp8 = kv_bytes(model, 1, 1)
     assert fp8 == FP8_BYTES_PER_TOKEN == 256
-    assert kc.kv_bytes_per_token(model, torch.bfloat16) == 2 * fp8
-    assert kc.kv_bytes_per_token(model, torch.float32) == 4 * fp8
+    assert kv_bytes(model, 1, 2) == 2 * fp8
+    assert kv_bytes(model, 1, 4) == 4 * fp8
     # 20 tokens: a full layer holds 20, a sliding layer its window of 8
     per_layer_token = 2 * KV_HEADS * HEAD_DIM
-    assert kc.kv_bytes_at_context(model, 20, torch.float8_e4m3fn) == per_layer_token * sum(
+    assert kv_bytes(model, 20, 1) == per_layer_token * sum(
         20 if w is None else w for w in WINDOWS[family]
     )
-    assert kc.kv_bytes_at_context(model, 5, torch.float8_e4m3fn) == 5 * fp8
-    assert kc.kv_bytes_at_context(model, 20, torch.bfloat16) == 2 * kc.kv_bytes_at_context(
-        model, 20, torch.float8_e4m3fn
-    )
+    assert kv_bytes(model, 5, 1) == 5 * fp8
+    assert kv_bytes(model, 20, 2) == 2 * kv_bytes(model, 20, 1)
 
 
 # FP8 bytes held after a 20-token prompt: 2 (K, V) · 2 heads · 16 dims = 64 per layer and token;
@@ -322,10 +322,19 @@ def test_measured_cache_bytes_fp8_is_half_bf16_and_quarter_fp32(family):
             ("fp32", model, DynamicCache(config=model.config)),
         ]:
             m(**prompt, cache=cache, use_cache=True)
-            measured[name] = kc.cache_bytes(cache)
-    assert measured["fp8"] == FP8_CACHE_BYTES_AT_20[family]
-    assert measured["bf16"] == 2 * measured["fp8"]
-    assert measured["fp32"] == 4 * measured["fp8"]
+            measured[name] = cache_bytes(cache)
+            if name == "fp8":  # what the FP8 cache holds besides K/V: its per-layer scales
+                scale_bytes = sum(
+                    t.numel() * t.element_size()
+                    for layer in cache.layers
+                    for t in (layer.k_scale, layer.v_scale)
+                )
+    # cache_bytes charges the FP8 cache its payload and its scales (float32 per layer)
+    assert scale_bytes == 8 * len(WINDOWS[family])
+    payload = measured["fp8"] - scale_bytes
+    assert payload == FP8_CACHE_BYTES_AT_20[family]
+    assert measured["bf16"] == 2 * payload
+    assert measured["fp32"] == 4 * payload
 
 
 # ----------------------------------------------------------------------------- generation
@@ -398,10 +407,8 @@ def test_fp8_cache_drops_finished_rows_like_a_serving_loop():
 def test_per_layer_windows_of_a_puzzle_model():
     """Two window sizes make the model a gpt_oss_puzzle model: accounting and cache follow."""
     model = apply_windows(tiny_gpt_oss(), {0: 4, 3: 6})  # windows 4, full, 8, 6
-    assert [s.window for s in kc.kv_layout(model)] == [4, None, 8, 6]
-    assert kc.kv_bytes_at_context(model, 20, torch.float8_e4m3fn) == 2 * KV_HEADS * HEAD_DIM * (
-        4 + 20 + 8 + 6
-    )
+    assert [s.window for s in kv_layout(model)] == [4, None, 8, 6]
+    assert kv_bytes(model, 20, 1) == 2 * KV_HEADS * HEAD_DIM * (4 + 20 + 8 + 6)
     scales = kc.calibrate_kv_scales(model, batches(), progress=False)
     ids = batches(n=1, batch=1, seq=20, seed=7)[0]["input_ids"]
     fp8 = _teacher_forced_logits(model, ids, kc.make_fp8_cache(model, scales), prompt_len=5)
@@ -429,7 +436,7 @@ def test_enable_changes_outputs_and_disable_restores_them_exactly(family):
     assert not torch.equal(before, during)
     assert torch.equal(during, again)
     assert torch.equal(before, after)
-    for _, attn in kc.attention_modules(model):
+    for _, attn in attention_modules(model):
         assert not hasattr(attn, "k_scale") and not attn._forward_pre_hooks
     assert not kc.fp8_kv_enabled(model)
 
@@ -455,7 +462,7 @@ def test_a_deep_copy_of_an_fp8_model_is_independent():
         kc.enable_fp8_kv(model, scales)
         fp8 = model(input_ids=ids).logits
         twin = copy.deepcopy(model)
-        for _, attn in kc.attention_modules(twin):
+        for _, attn in attention_modules(twin):
             attn.k_scale.mul_(4)  # the twin's hooks must read the twin's buffers
         assert not torch.equal(twin(input_ids=ids).logits, fp8)
         assert torch.equal(model(input_ids=ids).logits, fp8)
@@ -555,7 +562,7 @@ def test_save_and_load_checkpoint_restore_scales_and_fp8_cache_logits(family, to
     assert kc.fp8_kv_enabled(loaded)
     back = kc.kv_scales_of(loaded)
     assert torch.equal(back.k_scale, scales.k_scale) and torch.equal(back.v_scale, scales.v_scale)
-    assert [s.window for s in kc.kv_layout(loaded)] == WINDOWS[family]
+    assert [s.window for s in kv_layout(loaded)] == WINDOWS[family]
     cache = kc.make_fp8_cache(loaded)
     got = _teacher_forced_logits(loaded, ids, cache, prompt_len=5)
     assert all(layer.keys.dtype == torch.float8_e4m3fn for layer in cache.layers)

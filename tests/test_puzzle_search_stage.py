@@ -12,12 +12,17 @@ import pytest
 import torch
 from conftest import tiny_gpt_oss
 
+import lmpress.search.evaluate as se
+import lmpress.search.remote as remote
 import lmpress.search.scoring as scoring
 import lmpress.stages.puzzle_search as ps
 from lmpress.bundle import Bundle
 from lmpress.compress.attention import layer_windows
 from lmpress.errors import LmpressError
 from lmpress.recipe import parse_recipe, parse_stage
+from lmpress.search.cost import BlockCosts
+from lmpress.search.options import CostOptions, EvalOptions
+from lmpress.search.space import build_space, expert_ranking
 from lmpress.stages import StageContext
 
 SEQ = 32
@@ -96,9 +101,9 @@ def test_choice_is_the_best_within_the_budget(searched, tokenizer):
     ]
     # brute force over the whole space on the stage's own tables: no cheaper-enough choice
     # has a lower summed KL
-    space = ps.build_space(parent, [8], [2, 3])
-    costs = ps.BlockCosts.from_dict(json.loads(next(work.glob("costs-*.json")).read_text()))
-    blocks, fixed = ps.with_decode_bytes(costs, COST["batch_size"])
+    space = build_space(parent, [8], [2, 3])
+    costs = BlockCosts.from_dict(json.loads(next(work.glob("costs-*.json")).read_text()))
+    blocks, fixed = se.with_decode_bytes(costs, COST["batch_size"])
     table = scoring.load_scores(space, next((work / "scores").iterdir())).kl
     best = min(
         (float(sum(table[i, j] for i, j in enumerate(c))), c)
@@ -120,7 +125,7 @@ def test_resumed_stage_reuses_ranking_scores_and_costs(searched, tokenizer, batc
     def forbidden(*args, **kwargs):
         raise AssertionError("recomputed on resume")
 
-    monkeypatch.setattr(ps, "expert_ranking", forbidden)
+    monkeypatch.setattr(se, "expert_ranking", forbidden)
     monkeypatch.setattr(ps, "measure_costs", forbidden)
     monkeypatch.setattr(scoring, "_score_layer", forbidden)
     ctx = _ctx(work, batches)
@@ -154,7 +159,7 @@ def test_exported_child_reloads_with_the_same_logits(searched, tokenizer, tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, child(input_ids=ids).logits)
     assert layer_windows(reloaded) == layer_windows(child)
-    assert ps.model_fingerprint(reloaded) == ps.model_fingerprint(child)  # a resume hits the cache
+    assert se.model_fingerprint(reloaded) == se.model_fingerprint(child)  # a resume hits the cache
 
 
 def test_unreachable_budget_is_one_line_naming_the_cheapest_cost(tokenizer, batches, tmp_path):
@@ -170,16 +175,16 @@ def test_unreachable_budget_is_one_line_naming_the_cheapest_cost(tokenizer, batc
 
 def test_uniform_baseline_brackets_the_searched_cost(searched, tokenizer, monkeypatch):
     parent, child, summary, _ = searched
-    monkeypatch.setattr(ps, "bits_per_byte", lambda model, tok, ev, seed=0: 1.0)
-    ranking = ps.expert_ranking(parent, _batches(tokenizer)[:-1], "reap", progress=False)
-    cost = ps.CostOptions(**COST)
-    ids = ps.token_block(_batches(tokenizer), cost)
+    monkeypatch.setattr(se, "bits_per_byte", lambda model, tok, ev, seed=0: 1.0)
+    ranking = expert_ranking(parent, _batches(tokenizer)[:-1], "reap", progress=False)
+    cost = CostOptions(**COST)
+    ids = se.token_block(_batches(tokenizer), cost)
     measured = {
-        "parent": (parent, ps.measure_model(parent, ids, cost)),
-        "searched": (child, ps.measure_model(child, ids, cost)),
+        "parent": (parent, se.measure_model(parent, ids, cost)),
+        "searched": (child, se.measure_model(child, ids, cost)),
     }
-    table = ps.compare_uniform(
-        parent, tokenizer, measured, ranking, ids, cost, ["decode_bytes"], ps.EvalOptions()
+    table = se.compare_uniform(
+        parent, tokenizer, measured, ranking, ids, cost, ["decode_bytes"], EvalOptions()
     )
     rows = {r["model"]: r for r in table["rows"]}
     target = rows["searched"]["cost"]["decode_bytes"]
@@ -191,7 +196,7 @@ def test_uniform_baseline_brackets_the_searched_cost(searched, tokenizer, monkey
     assert below[0]["windows"] == layer_windows(parent)
     if above:  # the next count up, and nothing in between
         assert set(above[0]["experts_per_layer"]) == {k + 1}
-    assert "bits/byte" in ps.format_comparison(table)
+    assert "bits/byte" in se.format_comparison(table)
 
 
 def test_preflight_finds_counts_no_layer_can_keep(tokenizer):
@@ -269,10 +274,10 @@ def test_recipe_run_then_a_second_worker_joins_the_study(tiny_checkpoint, tmp_pa
     assert search["summary"]["predicted"]["relative"]["decode_bytes"] <= 0.8
     assert heal["summary"]["steps"] == 4
     assert (tmp_path / "run" / "export" / "config.json").is_file()
-    work = ps.study_dir(tmp_path / "run")
+    work = remote.study_dir(tmp_path / "run")
     assert work == tmp_path / "run" / "stages" / "01-puzzle_search" / "work"
 
-    assert ps.join_study(tmp_path / "run", n_trials=3, progress=False) == 1
+    assert remote.join_study(tmp_path / "run", n_trials=3, progress=False) == 1
     trials = optuna.load_study(study_name="puzzle", storage=storage_for(work)).get_trials()
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 3
 
@@ -281,15 +286,15 @@ def test_recipe_run_then_a_second_worker_joins_the_study(tiny_checkpoint, tmp_pa
     from lmpress.search.scoring import load_scores
 
     (score_dir,) = (work / "scores").iterdir()
-    space = ps._stage_inputs(tmp_path / "run", None, False).space
+    space = remote.stage_inputs(tmp_path / "run", None, False).space
     before = load_scores(space, score_dir)
     files = sorted(score_dir.glob("*.json"))
     assert not before.missing and len(files) > 2
     for f in files:
         f.unlink()
-    assert ps.score_shard(tmp_path / "run", (0, 2), progress=False) == len(files) // 2
+    assert remote.score_shard(tmp_path / "run", (0, 2), progress=False) == len(files) // 2
     assert len(list(score_dir.glob("*.json"))) == len(files) - len(files) // 2
-    assert ps.score_shard(tmp_path / "run", (1, 2), progress=False) == 0
+    assert remote.score_shard(tmp_path / "run", (1, 2), progress=False) == 0
     after = load_scores(space, score_dir)
     np.testing.assert_allclose(after.kl, before.kl, atol=1e-6)
     np.testing.assert_allclose(after.lm_loss_delta, before.lm_loss_delta, atol=1e-6)
@@ -300,4 +305,4 @@ def test_a_helper_started_before_the_run_reaches_the_stage_is_told_so(tmp_path):
     manifest = {"parent": {"checkpoint": "/p"}, "stages": [{"name": "prune_experts"}]}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(LmpressError, match="has not reached puzzle_search yet"):
-        ps.score_shard(tmp_path, (0, 2), progress=False)
+        remote.score_shard(tmp_path, (0, 2), progress=False)

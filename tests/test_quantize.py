@@ -18,11 +18,11 @@ from lmpress.bundle import Bundle
 from lmpress.compress.quantize import (
     check_backend,
     prepare_quantized_model,
-    quantized_weight_bytes,
 )
 from lmpress.errors import LmpressError
 from lmpress.export import save_checkpoint
 from lmpress.load import load_checkpoint
+from lmpress.measure import weight_bytes
 from lmpress.recipe import parse_stage
 from lmpress.stages import StageContext
 
@@ -170,7 +170,7 @@ def test_weight_bytes_are_the_checkpoint_payload(method, tokenizer, tmp_path):
             if ".quant_state." in key or key.endswith(".weight_format"):  # bnb metadata
                 metadata += t.numel() * t.element_size()
     assert metadata > 0
-    assert quantized_weight_bytes(q) == summary["weight_bytes_after"] == payload - metadata
+    assert weight_bytes(q) == summary["weight_bytes_after"] == payload - metadata
 
 
 def test_skip_modules_stay_in_full_precision(tokenizer, tmp_path):

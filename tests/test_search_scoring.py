@@ -12,7 +12,7 @@ from conftest import tiny_gpt_oss
 from test_models import tiny_moe
 
 from lmpress.errors import LmpressError
-from lmpress.evaluate.efficiency import weight_bytes
+from lmpress.measure import weight_bytes
 from lmpress.search.cost import BlockCosts, analytic_costs, measure_costs
 from lmpress.search.scoring import block_units, parse_shard, score_blocks
 from lmpress.search.space import Variant, assemble, build_space, expert_ranking

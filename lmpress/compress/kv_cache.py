@@ -47,6 +47,7 @@ from transformers.cache_utils import (
 )
 
 from lmpress.errors import LmpressError
+from lmpress.models.arch import WINDOWED_LAYER_TYPES, attention_modules, kv_layout
 
 FP8_DTYPE = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
@@ -59,7 +60,6 @@ KV_CONFIG_KEY = "compression_config"
 
 _HANDLES_ATTR = "_lmpress_kv_fp8_handles"
 _SCALE_NAMES = ("k_scale", "v_scale")
-_WINDOWED_TYPES = ("sliding_attention", "chunked_attention")
 
 
 # --------------------------------------------------------------------------- scales
@@ -121,109 +121,6 @@ def fake_quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def _broadcast(scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     scale = scale.to(device=x.device, dtype=torch.float32)
     return scale.view(1, -1, 1, 1) if scale.dim() == 1 else scale  # per head: [1, kv_heads, 1, 1]
-
-
-# --------------------------------------------------------------------------- model geometry
-
-
-@dataclass(frozen=True)
-class KVLayerShape:
-    """What one attention layer stores per token: kv_heads × head_dim, for K and for V."""
-
-    layer_idx: int
-    kv_heads: int
-    head_dim: int
-    window: int | None  # sliding window in tokens; None = full attention
-
-
-def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The attention modules that write the KV cache, ordered by `layer_idx`, with their names.
-
-    Same rule as llm-compressor: a `*self_attn` module with k_proj and v_proj.
-    """
-    found = [
-        (name, m)
-        for name, m in model.named_modules()
-        if name.endswith("self_attn") and hasattr(m, "k_proj") and hasattr(m, "v_proj")
-    ]
-    if not found:
-        raise LmpressError("kv_fp8: the model has no self_attn modules with k_proj/v_proj")
-    found.sort(key=lambda nm: nm[1].layer_idx)
-    if [m.layer_idx for _, m in found] != list(range(len(found))):
-        raise LmpressError("kv_fp8: attention layer_idx values are not 0..n-1 (unsupported model)")
-    return found
-
-
-def kv_layout(model: nn.Module) -> list[KVLayerShape]:
-    """Per attention layer: KV heads, head_dim and window, as the attention modules use them.
-
-    The window is the module's own `sliding_window` where it has one (GPT-OSS, Qwen3-MoE, and
-    per-layer windows of a gpt_oss_puzzle model), else what transformers' cache derives from the
-    config: `layer_types`, or, where a family has none, its one `sliding_window` (Mixtral).
-    """
-    attns = attention_modules(model)
-    config = model.config.get_text_config(decoder=True)
-    layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
-    if len(layer_types) != len(attns):
-        raise LmpressError(
-            f"kv_fp8: config has {len(layer_types)} layer types, model {len(attns)} attention "
-            "layers"
-        )
-    shapes = []
-    for i, (_, attn) in enumerate(attns):
-        kind = layer_types[i]
-        if kind not in ("full_attention", *_WINDOWED_TYPES):
-            raise LmpressError(f"layer_types[{i}]: '{kind}' has no FP8 KV cache support")
-        window = layer_kwargs[i].get("sliding_window") if kind in _WINDOWED_TYPES else None
-        window = getattr(attn, "sliding_window", window)
-        heads = attn.k_proj.out_features // attn.head_dim
-        shapes.append(KVLayerShape(i, heads, attn.head_dim, window))
-    return shapes
-
-
-# --------------------------------------------------------------------------- accounting
-
-
-def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
-    """Bytes one token adds to the KV cache while no window is full.
-
-    Σ over attention layers of 2 (K and V) · kv_heads · head_dim · bytes per element.
-    """
-    return sum(2 * s.kv_heads * s.head_dim for s in kv_layout(model)) * dtype.itemsize
-
-
-def kv_bytes_at_context(model: nn.Module, context_len: int, dtype: torch.dtype) -> int:
-    """KV bytes for one sequence of `context_len` tokens; a sliding layer holds at most its window.
-
-    (A transformers dynamic sliding layer keeps window-1 tokens between steps and appends the
-    token being decoded; a server holds the window.)
-    """
-    total = 0
-    for s in kv_layout(model):
-        tokens = context_len if s.window is None else min(context_len, s.window)
-        total += 2 * s.kv_heads * s.head_dim * tokens
-    return total * dtype.itemsize
-
-
-def dense_cache(model: nn.Module) -> DynamicCache:
-    """The stock bf16/fp32 cache for `model`, each sliding layer sized to its own window (the
-    stock constructor gives a gpt_oss_puzzle model's sliding layers all the largest window)."""
-    from lmpress.models.gpt_oss_puzzle.convert import is_puzzle_config
-    from lmpress.models.gpt_oss_puzzle.modeling_gpt_oss_puzzle import new_cache
-
-    if is_puzzle_config(model.config):
-        return new_cache(model.config)
-    return DynamicCache(config=model.config)
-
-
-def cache_bytes(cache: Cache) -> int:
-    """Bytes of K/V a filled transformers cache holds now (any layer with keys/values tensors)."""
-    total = 0
-    for layer in cache.layers:
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
 
 
 # --------------------------------------------------------------------------- intercepting K/V
@@ -518,7 +415,7 @@ class FP8KVCache(DynamicCache):
             k_scale, v_scale = scales.layer(i)
             if kind == "full_attention":
                 layers.append(FP8DynamicLayer(k_scale, v_scale))
-            elif kind in _WINDOWED_TYPES:
+            elif kind in WINDOWED_LAYER_TYPES:
                 window = own_windows[i] if own_windows else layer_kwargs[i]["sliding_window"]
                 layers.append(FP8SlidingWindowLayer(window, k_scale, v_scale))
             else:

@@ -57,7 +57,6 @@ import platform
 import random
 import resource
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -68,6 +67,9 @@ import transformers
 from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 
 from lmpress.errors import LmpressError
+from lmpress.measure.memory import cache_bytes, cache_tensors, kv_bytes, weight_bytes
+from lmpress.measure.timing import Clock
+from lmpress.models.arch import dense_cache
 
 CacheFactory = Callable[[PreTrainedModel, int], Cache]
 Scorer = Callable[[str, str], float]
@@ -192,58 +194,13 @@ def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, w: Work
 # ----------------------------------------------------------------------------- memory
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the weights as stored: parameters, persistent buffers and bitsandbytes'
-    quantization state, tied tensors once (what the checkpoint holds)."""
-    from lmpress.compress.quantize import quantized_weight_bytes
-
-    return quantized_weight_bytes(model)
-
-
-def kv_bytes_for_context(model: torch.nn.Module, tokens: int, bytes_per_element: int) -> int:
-    """KV bytes one request holds at context length T: sum_l 2*H_l*d_l*b*min(T, W_l)."""
-    from lmpress.compress.kv_cache import kv_layout  # the one place that reads KV geometry
-
-    return sum(
-        2 * s.kv_heads * s.head_dim * bytes_per_element * _held(tokens, s.window)
-        for s in kv_layout(model)
-    )
-
-
-def _held(tokens: int, window: int | None) -> int:
-    return tokens if window is None else min(tokens, window)
-
-
-def kv_bytes_per_token(model: torch.nn.Module, bytes_per_element: int) -> int:
-    """KV bytes of one token within every window: sum_l 2*H_l*d_l*b."""
-    return kv_bytes_for_context(model, 1, bytes_per_element)
-
-
-def _state_tensors(obj: Any) -> list[torch.Tensor]:
-    """Tensors held in a cache layer's attributes (keys, values, FP8 payloads and scales)."""
-    found = []
-    for value in vars(obj).values():
-        items = value if isinstance(value, list | tuple) else [value]
-        found += [t for t in items if isinstance(t, torch.Tensor)]
-    return found
-
-
-def cache_bytes(cache: Cache) -> int:
-    """Bytes held by a cache's tensors, whatever its storage (dense, FP8 + scales, ...)."""
-    return sum(
-        t.numel() * t.element_size() for layer in cache.layers for t in _state_tensors(layer)
-    )
-
-
 def _cache_element_bytes(cache: Cache) -> int:
     """Bytes per element of the largest tensor in the cache: the stored K/V, not a scale."""
-    tensors = [t for layer in cache.layers for t in _state_tensors(layer)]
+    tensors = [t for layer in cache.layers for t in cache_tensors(layer)]
     return max(tensors, key=lambda t: t.numel()).element_size() if tensors else 0
 
 
 def _default_cache(model: PreTrainedModel, batch_size: int) -> Cache:
-    from lmpress.compress.kv_cache import dense_cache
-
     return dense_cache(model)
 
 
@@ -292,19 +249,6 @@ class RunTrace:
     cuda_peak_bytes: int | None
 
 
-class _Clock:
-    """Host wall clock; on CUDA the device is synchronised first so the time is the user's."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.device = device
-
-    def now(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-
 @dataclass
 class _KvPeak:
     measured: int = 0
@@ -321,7 +265,7 @@ class _KvPeak:
         self.element_bytes = _cache_element_bytes(cache)
         self.measured = measured
         self.positions = rows * length
-        self.analytic = rows * kv_bytes_for_context(model, length, self.element_bytes)
+        self.analytic = rows * kv_bytes(model, length, self.element_bytes)
 
 
 def _left_pad(batch: list[list[int]], pad_id: int, device: torch.device):
@@ -343,7 +287,7 @@ def _evict(cache: Cache, keep: torch.Tensor, rows_before: int) -> None:
             "drop finished requests' rows"
         ) from err
     for layer in cache.layers:
-        for t in _state_tensors(layer):
+        for t in cache_tensors(layer):
             if t.dim() >= 3 and t.shape[0] == rows_before:
                 raise TypeError(
                     f"{type(layer).__name__}.batch_select_indices left a tensor with the old batch "
@@ -416,7 +360,7 @@ def run_workload(
     prompts = _render(tokenizer, workload)
     eos = _eos_ids(model, tokenizer, workload)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    clock = _Clock(model.device)
+    clock = Clock(model.device)
     cuda = model.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(model.device)
@@ -557,7 +501,7 @@ def _memory(model: PreTrainedModel, trace: RunTrace) -> dict[str, int | None]:
     return {
         "weight_bytes": weight_bytes(model),
         "kv_bytes_per_element": b,
-        "kv_bytes_per_token": kv_bytes_per_token(model, b),
+        "kv_bytes_per_token": kv_bytes(model, 1, b),
         "kv_peak_bytes": trace.kv_peak_bytes,
         "kv_peak_analytic_bytes": trace.kv_peak_analytic_bytes,
         "kv_peak_cached_positions": trace.kv_peak_cached_positions,
@@ -835,13 +779,10 @@ __all__ = [
     "RunTrace",
     "Spread",
     "Workload",
-    "cache_bytes",
     "compare",
     "exact_match",
     "format_comparison",
     "frontier",
-    "kv_bytes_for_context",
-    "kv_bytes_per_token",
     "measure",
     "pareto_front",
     "relative_request_rate",
@@ -849,6 +790,5 @@ __all__ = [
     "run_workload",
     "serving_metrics",
     "spread_prompts",
-    "weight_bytes",
     "word_prefix_match",
 ]

@@ -11,7 +11,7 @@ Attention: `layer_types` makes each layer full or sliding, with one `sliding_win
 second size turns the model into `gpt_oss_puzzle`, whose `block_configs` carry one per layer.
 """
 
-from lmpress.models.adapters import LAYER, MoeAdapter
+from lmpress.models.moe import LAYER, MoeAdapter
 
 GPT_OSS = MoeAdapter(
     family="gpt_oss",

@@ -7,7 +7,7 @@ token whose top-k experts are all kept is routed exactly as before pruning.
 Attention: one `sliding_window` (Mistral-style) masks every layer; there is no `layer_types`.
 """
 
-from lmpress.models.adapters import MODEL, MoeAdapter
+from lmpress.models.moe import MODEL, MoeAdapter
 
 MIXTRAL = MoeAdapter(
     family="mixtral",

@@ -9,7 +9,7 @@ Attention: always full. OlmoeModel builds a plain causal mask, while its attenti
 eager and flash attention. K is RMS-normed across all KV heads at once, before the head split.
 """
 
-from lmpress.models.adapters import NONE, MoeAdapter
+from lmpress.models.moe import NONE, MoeAdapter
 
 OLMOE = MoeAdapter(
     family="olmoe",

@@ -11,7 +11,7 @@ Attention: one `sliding_window` masks every layer, and only while `use_sliding_w
 RMS-normed per head before RoPE, so the FP8 cache stores normed, rotated keys.
 """
 
-from lmpress.models.adapters import MODEL, MoeAdapter
+from lmpress.models.moe import MODEL, MoeAdapter
 
 QWEN3_MOE = MoeAdapter(
     family="qwen3_moe",

@@ -37,9 +37,8 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-import statistics
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,10 +48,11 @@ from tqdm.auto import tqdm
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from lmpress.compress.kv_cache import cache_bytes, dense_cache, kv_layout
 from lmpress.errors import LmpressError
-from lmpress.evaluate.efficiency import weight_bytes
+from lmpress.measure.memory import cache_bytes, weight_bytes
+from lmpress.measure.timing import Timer
 from lmpress.models.adapters import MoeAdapter, adapter_for
+from lmpress.models.arch import dense_cache, kv_layout
 from lmpress.search.space import (
     ATTENTION,
     EXPERTS,
@@ -234,30 +234,6 @@ def _moe_bytes(
 
 
 # -- measured --------------------------------------------------------------------------------
-class Timer:
-    """Median wall time in ms of `run(r)` over `repeats` calls after `warmup` untimed ones;
-    `reset()` runs after every call, outside the clock. CUDA is synchronised around each call."""
-
-    def __init__(self, device: torch.device, warmup: int, repeats: int):
-        self.device, self.warmup, self.repeats = device, warmup, repeats
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def __call__(self, run: Callable[[int], object], reset: Callable[[], None] = lambda: None):
-        times = []
-        for r in range(self.warmup + self.repeats):
-            self._sync()
-            start = time.perf_counter()
-            run(r)
-            self._sync()
-            if r >= self.warmup:
-                times.append(time.perf_counter() - start)
-            reset()
-        return 1000 * statistics.median(times)
-
-
 @torch.no_grad()
 def measure_costs(
     parent: nn.Module,

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from transformers.optimization import get_cosine_schedule_with_warmup
 
 from lmpress.errors import LmpressError
+from lmpress.measure.divergence import divergence
 from lmpress.models.adapters import adapter_for
 
 log = logging.getLogger(__name__)
@@ -134,27 +135,12 @@ def heal(
     return HealResult(kl_before, kl_after, losses, len(losses), seen, round(seconds, 2))
 
 
-@torch.no_grad()
 def distill_kl(
     child: nn.Module, parent: nn.Module, batches: Iterable[Mapping[str, Tensor]]
 ) -> float:
-    """Mean KL(parent ‖ child) per non-padding token, in nats, at temperature 1."""
-    modes = child.training, parent.training
-    child.eval()
-    parent.eval()
-    total, count = 0.0, 0
-    try:
-        for batch in batches:
-            ids, mask = _inputs(batch, _device(child))
-            p_logp = _forward(parent, ids, mask, False)[0].to(ids.device).float().log_softmax(-1)
-            c_logp = _forward(child, ids, mask, False)[0].float().log_softmax(-1)
-            kl = F.kl_div(c_logp, p_logp, log_target=True, reduction="none").sum(-1)
-            total += float(kl[mask.bool()].double().sum())
-            count += int(mask.sum())
-    finally:
-        child.train(modes[0])
-        parent.train(modes[1])
-    return total / max(count, 1)
+    """Mean KL(parent ‖ child) per non-padding token, in nats, at temperature 1 (the one
+    measurement every stage uses, `lmpress.measure.divergence`)."""
+    return divergence(child, parent, batches).kl
 
 
 def _distill_loss(

@@ -30,12 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lmpress import atomic
 from lmpress.errors import LmpressError
+from lmpress.measure.divergence import batch_inputs, kl_per_position, log_probs, nll_sum
 from lmpress.models.adapters import MoeAdapter, adapter_for
 from lmpress.search.space import (
     ATTENTION,
@@ -211,22 +211,20 @@ def _score_layer(
     parent_loss, tokens, loss_tokens = 0.0, 0, 0
     try:
         for batch in batches:
-            ids = batch["input_ids"].to(device)
-            mask = batch.get("attention_mask")
-            mask = torch.ones_like(ids) if mask is None else mask.to(device)
+            ids, mask = batch_inputs(batch, device)
             valid = mask.bool()
             pairs = valid[:, 1:] & valid[:, :-1]  # next-token targets inside the text
-            p_logp = _log_probs(parent, ids, mask)
-            parent_loss += _nll(p_logp, ids, pairs)
+            p_logp = log_probs(parent, ids, mask)
+            parent_loss += nll_sum(p_logp, ids, pairs)
             tokens += int(valid.sum())
             loss_tokens += int(pairs.sum())
             for u in units:
                 t0 = time.perf_counter()
                 with _swap(parent, u, keep[u], adapter):
-                    c_logp = _log_probs(parent, ids, mask)
-                kl = F.kl_div(c_logp, p_logp, log_target=True, reduction="none").sum(-1)
+                    c_logp = log_probs(parent, ids, mask)
+                kl = kl_per_position(p_logp, c_logp)
                 sums[u]["kl"] += float(kl[valid].sum())
-                sums[u]["loss"] += _nll(c_logp, ids, pairs)
+                sums[u]["loss"] += nll_sum(c_logp, ids, pairs)
                 sums[u]["seconds"] += time.perf_counter() - t0
     finally:
         parent.train(was_training)
@@ -252,16 +250,3 @@ def _swap(parent: nn.Module, unit: BlockUnit, keep: list[int] | None, adapter: M
     if unit.kind == ATTENTION:
         return window_override(parent, unit.layer, unit.option, adapter)
     return experts_override(parent, unit.layer, keep, adapter)
-
-
-def _log_probs(model: nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
-    """`[B, T, V]` next-token log-probabilities in float64: the KL of a mild swap is ~1e-6 nats
-    or less, about the rounding error of float32 log-probabilities."""
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    return logits.double().log_softmax(-1)
-
-
-def _nll(logp: Tensor, ids: Tensor, pairs: Tensor) -> float:
-    """Summed next-token negative log-likelihood over the positions in `pairs` `[B, T-1]`."""
-    target = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)  # [B, T-1]
-    return float(-target[pairs].sum())

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict
 from transformers import PreTrainedConfig
 
 from lmpress.bundle import Bundle
+from lmpress.models.adapters import MoeAdapter, adapter_for_config
 
 
 class StageConfig(BaseModel):
@@ -70,13 +71,9 @@ class TokenizerInfo:
     vocab_size: int  # len(tokenizer): every id it can produce, added tokens included
 
 
-def config_adapter(config: PreTrainedConfig):
+def config_adapter(config: PreTrainedConfig) -> MoeAdapter:
     """The MoE family adapter for a config (adapters pick by `model_type` only)."""
-    from types import SimpleNamespace
-
-    from lmpress.models.adapters import adapter_for
-
-    return adapter_for(SimpleNamespace(config=config))
+    return adapter_for_config(config)
 
 
 @dataclass

@@ -11,8 +11,8 @@ from lmpress.bundle import Bundle
 from lmpress.compress.kv_cache import (
     calibrate_kv_scales,
     enable_fp8_kv,
-    kv_bytes_per_token,
 )
+from lmpress.measure import kv_bytes
 from lmpress.stages.base import StageConfig, StageContext, TokenizerInfo
 
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
@@ -30,7 +30,7 @@ class KVCacheFP8(StageConfig):
 
     def apply(self, bundle: Bundle, ctx: StageContext) -> Bundle:
         model = bundle.model
-        before = kv_bytes_per_token(model, model.dtype)
+        before = kv_bytes(model, 1, model.dtype.itemsize)
         scales = calibrate_kv_scales(
             model,
             ctx.calibration_batches(bundle.tokenizer),
@@ -40,7 +40,7 @@ class KVCacheFP8(StageConfig):
         enable_fp8_kv(model, scales)
         ctx.summary.update(
             kv_bytes_per_token_before=before,
-            kv_bytes_per_token_after=kv_bytes_per_token(model, torch.float8_e4m3fn),
+            kv_bytes_per_token_after=kv_bytes(model, 1, torch.float8_e4m3fn.itemsize),
             k_scale_max=float(scales.k_scale.max()),
             v_scale_max=float(scales.v_scale.max()),
         )

@@ -18,7 +18,7 @@ from lmpress.compress.experts import (
     select_experts,
 )
 from lmpress.errors import LmpressError
-from lmpress.evaluate.efficiency import weight_bytes
+from lmpress.measure import weight_bytes
 from lmpress.models.adapters import adapter_for
 from lmpress.stages.base import StageConfig, StageContext, TokenizerInfo, config_adapter
 

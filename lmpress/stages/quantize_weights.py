@@ -17,8 +17,8 @@ from lmpress.compress.quantize import (
     plan_quantization,
     quantize_model,
     quantized_modules,
-    quantized_weight_bytes,
 )
+from lmpress.measure import weight_bytes
 from lmpress.stages.base import StageConfig, StageContext
 
 
@@ -59,7 +59,7 @@ class QuantizeWeights(StageConfig):
         plan = plan_quantization(model, self.method, self.skip_modules)
         compute = DTYPES[self.compute_dtype] if self.compute_dtype else model.dtype
         config = bnb_config(self.method, compute, self.double_quant, plan.skip_patterns)
-        before = quantized_weight_bytes(model)
+        before = weight_bytes(model)
         quantized = quantize_model(model, bundle.tokenizer, config, ctx.device, ctx.work_dir)
         done = quantized_modules(quantized)
         if set(done) != set(plan.quantize):  # the plan mirrors transformers' own matching
@@ -73,7 +73,7 @@ class QuantizeWeights(StageConfig):
             params_full_precision=plan.params_total - plan.params_quantized,
             params_fused_experts=plan.params_fused_experts,
             weight_bytes_before=before,
-            weight_bytes_after=quantized_weight_bytes(quantized),
+            weight_bytes_after=weight_bytes(quantized),
             skipped=plan.skipped,
         )
         return replace(bundle, model=quantized)

@@ -1,0 +1,1 @@
+"""Request-level serving: the configuration, workload, loop, metrics and comparisons."""
